@@ -1,0 +1,1 @@
+"""The Hydra application behind the ``lightning-compress`` command."""

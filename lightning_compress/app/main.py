@@ -1,0 +1,135 @@
+"""Entry point of ``lightning-compress``: train, test, record ``results.json``, print a summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from safetensors.torch import save_file
+
+from lightning_compress.app.build import build_job
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(Exception):
+    """The composed config cannot make a run (bad value, missing file, unknown name)."""
+
+
+def config_dir() -> Path:
+    """The directory holding ``config.yaml`` and the config groups (recipes linked in)."""
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def model_file_bytes(model: torch.nn.Module, path: Path) -> int:
+    """Writes the model's weights as safetensors and returns the file's size on disk."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path))
+    return path.stat().st_size
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    return {"total": total, "nonzero": nonzero}
+
+
+def _metrics(trainer: pl.Trainer, extra: list[dict[str, float]] | None = None) -> dict[str, float]:
+    out = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for d in extra or []:
+        out.update({k: float(v) for k, v in d.items()})
+    return dict(sorted(out.items()))
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Runs one job and writes ``results.json`` into ``output_dir``.
+
+    Returns:
+        The record written to ``results.json``.
+    """
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        job = build_job(cfg)
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        ImportError,
+        OmegaConfBaseException,
+        InstantiationException,
+        MisconfigurationException,
+    ) as err:
+        raise ConfigurationError(str(err)) from err
+    trainer = job.trainer
+    trainer.fit(job.module, datamodule=job.datamodule)
+    test = []
+    if cfg.get("test_after_fit", True):
+        test = trainer.test(job.module, datamodule=job.datamodule, verbose=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": _metrics(trainer, test),
+        "parameters": parameter_counts(job.module.net),
+        "model_bytes": model_file_bytes(job.module.net, output_dir / "model.safetensors"),
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "global_step": trainer.global_step,
+    }
+    _finish_logger(job.logger)
+    if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(summary(record, output_dir))
+    return record
+
+
+def summary(record: dict[str, Any], output_dir: Path) -> str:
+    m = record["metrics"]
+    params = record["parameters"]
+    lines = [
+        f"== {record['config'].get('name', 'run')} ==",
+        f"test accuracy  {100 * m['test/acc']:.2f}%" if "test/acc" in m else "test accuracy  n/a",
+        f"parameters     {params['nonzero']:,} non-zero of {params['total']:,}",
+        f"model file     {record['model_bytes']:,} bytes (safetensors)",
+        f"wall time      {record['wall_time_s']:.1f} s, {record['global_step']} optimizer steps",
+        f"record         {output_dir / 'results.json'}",
+    ]
+    return "\n".join(lines)
+
+
+def _finish_logger(logger: Any) -> None:
+    # Sequential sweep jobs share one process: close the W&B run so the next job opens its own.
+    from pytorch_lightning.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigurationError as err:
+        print(f"lightning-compress: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+// The Python module shell of lightning_compress._C. Importing it loads this shared library,
+// whose static initialisers register every op with torch.library; the module itself is empty.
+#include <Python.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "lightning-compress compiled ops", -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
