@@ -1,3 +1,7 @@
 """lightning-compress: model compression as PyTorch Lightning callbacks."""
 
+from lightning_compress.callbacks import PruneCallback
+
 __version__ = "0.1.0.dev0"
+
+__all__ = ["PruneCallback"]

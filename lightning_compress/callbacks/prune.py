@@ -1,0 +1,373 @@
+"""PruneCallback: stateful, resumable, DDP-correct pruning on the trainer's clock."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_compress.pruning.criteria import CRITERIA, get_criterion
+from lightning_compress.pruning.hard_masks import HardMasks
+from lightning_compress.pruning.masks import parse_nm
+from lightning_compress.pruning.plan import PrunePlan
+from lightning_compress.pruning.schedules import SCHEDULES, Schedule
+from lightning_compress.pruning.steps import Step, parse_step
+from lightning_compress.targets import match_overrides, resolve_weights
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("global", "layer")
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps in one training epoch, as the fit loop will really take them.
+
+    Lightning steps the optimizer every ``accumulate_grad_batches`` batches and on the last batch
+    of an epoch; ``num_training_batches`` already reflects ``limit_train_batches`` and, under a
+    distributed sampler, the world size.
+    """
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        return 0
+    return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
+
+
+def convert_step(step: Step, spe: int, arg: str) -> int:
+    if step.unit == "ep" and spe == 0:
+        raise ValueError(
+            f"`{arg}`={step} is in epochs, but the training dataloader has no length; give "
+            "steps in optimizer iterations instead (e.g. '500it')"
+        )
+    return step.to_steps(spe)
+
+
+class PruneCallback(Callback):
+    """Prunes targeted weights to a sparsity that follows a schedule of the optimizer step.
+
+    Pruned weights are zeros in the real parameters (hard masks): their gradients are zeroed
+    before each optimizer step, their optimizer state when a mask changes, and the masks are
+    re-applied after each step. Masks live in the checkpoint (packed eight to a byte), so a
+    resumed run continues with the same masks and schedule.
+
+    Args:
+        sparsity: Final fraction of zeros among the targeted weights, in [0, 1). For
+            ``structure="N:M"`` it defaults to, and must equal, ``(M - N) / M``; otherwise 0.9.
+        schedule: ``"oneshot"`` (all at ``start``), ``"linear"``, ``"cubic"`` (Zhu & Gupta
+            2017), ``"iterative"`` (``rate`` of the remaining weights every ``every``) or
+            ``"constant"`` (hold the zeros the weights already have).
+        start: First pruning step: ``"Nep"`` (epochs), ``"Nit"`` or an int (optimizer steps).
+        end: Step at which the final sparsity is reached (linear/cubic).
+        every: Steps between pruning events.
+        criterion: Name of a registered criterion (``magnitude``, ``random``, your own).
+        scope: ``"global"`` (one threshold over all targets) or ``"layer"`` (each target to
+            the same sparsity).
+        structure: ``"unstructured"``, ``"channel"`` (whole output channels by L2 norm) or
+            ``"N:M"`` such as ``"2:4"`` (at most N non-zeros in every M consecutive inputs).
+        include: Module or parameter name patterns to target (default: every Linear, Conv and
+            attention-projection weight).
+        exclude: Patterns removed from the targets.
+        rate: Fraction of the remaining weights pruned per event (``schedule="iterative"``).
+        overrides: Final sparsity per name pattern, pruned layer-wise, e.g. ``{"fc3": 0.74}``.
+        seed: Seed for random scores (identical on every rank and resume).
+
+    Raises:
+        ValueError: An argument out of range or an unknown name.
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        schedule: str = "cubic",
+        start: str | int = "0ep",
+        end: str | int = "10ep",
+        every: str | int = "1ep",
+        criterion: str = "magnitude",
+        scope: str = "global",
+        structure: str = "unstructured",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        rate: float | None = None,
+        overrides: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        nm = parse_nm(structure)
+        if structure not in ("unstructured", "channel") and nm is None:
+            raise ValueError(
+                f"`structure` must be 'unstructured', 'channel' or 'N:M' like '2:4', "
+                f"got {structure!r}"
+            )
+        if nm is not None:
+            implied = (nm[1] - nm[0]) / nm[1]
+            if sparsity is not None and not math.isclose(sparsity, implied):
+                raise ValueError(
+                    f"`sparsity`={sparsity} contradicts `structure`={structure!r}, which means "
+                    f"sparsity {implied:g}; leave `sparsity` unset for N:M"
+                )
+            sparsity = implied
+        sparsity = 0.9 if sparsity is None else sparsity
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+        if criterion not in CRITERIA:
+            get_criterion(criterion)  # raises, naming the registered criteria
+        if schedule == "iterative":
+            if rate is None or not 0.0 < rate < 1.0:
+                raise ValueError(f"`rate` must be in (0, 1) for schedule='iterative', got {rate}")
+        elif rate is not None:
+            raise ValueError(f"`rate` applies only to schedule='iterative', got rate={rate}")
+        for pattern, value in (overrides or {}).items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"`overrides` sparsity must be in [0, 1), got {pattern!r}: {value}"
+                )
+        if overrides and nm is not None:
+            raise ValueError("`overrides` cannot change the sparsity of an N:M structure")
+        self.start = parse_step(start, "start")
+        self.end = parse_step(end, "end")
+        self.every = parse_step(every, "every")
+        if self.every.value == 0:
+            raise ValueError(f"`every` must be at least one step, got {every!r}")
+        if self.start.unit == self.end.unit and self.end.value < self.start.value:
+            raise ValueError(f"`end`={end!r} is before `start`={start!r}")
+        self.sparsity = sparsity
+        self.schedule = schedule
+        self.criterion = criterion
+        self.scope = scope
+        self.structure = structure
+        self.include = include
+        self.exclude = exclude
+        self.rate = rate
+        self.overrides = dict(overrides or {})
+        self.seed = seed
+        self.targets: list[str] = []
+        self.plan: PrunePlan | None = None
+        self.masks: HardMasks | None = None
+        self._last_event = -1
+        self._loaded: dict[str, Any] | None = None
+        self._hook_handles: list[Any] = []
+        self._history: list[dict[str, Any]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            sparsity=self.sparsity,
+            schedule=self.schedule,
+            structure=self.structure,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._resolve_targets(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._make_plan(trainer)
+        self._restore_masks(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > self._last_event and self.plan is not None and self.plan.is_event(step):
+            self._prune(trainer, pl_module, step)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.masks:
+            self.masks.apply_to_grads()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_table(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        masks = self.masks.state_dict() if self.masks else {"packed": {}, "shapes": {}}
+        return {"version": 1, "masks": masks, "last_event": self._last_event}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    # -- work --------------------------------------------------------------------------------------
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.masks:
+            self.masks.apply_to_weights()
+
+    def resolve(self, pl_module: pl.LightningModule) -> list[str]:
+        """The qualified names of the weights this callback targets in ``pl_module``."""
+        return resolve_weights(pl_module, self.include, self.exclude, owner="PruneCallback")
+
+    def _resolve_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.targets = self.resolve(pl_module)
+        match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
+        for other in trainer.callbacks:
+            if isinstance(other, PruneCallback) and other is not self:
+                shared = sorted(set(self.targets) & set(other.resolve(pl_module)))
+                if shared:
+                    raise ValueError(
+                        f"two PruneCallbacks target the same weights {shared}; give them "
+                        "disjoint `include`/`exclude` patterns"
+                    )
+        params = dict(pl_module.named_parameters())
+        nm = parse_nm(self.structure)
+        for name in self.targets:
+            if nm is not None:
+                shape = params[name].shape
+                if shape[1] % nm[1]:
+                    raise ValueError(
+                        f"`structure`={self.structure!r}: {name!r} has {shape[1]} input features, "
+                        f"not divisible by M={nm[1]}; exclude it or pick another M"
+                    )
+        self.masks = HardMasks({name: params[name] for name in self.targets})
+
+    def _make_plan(self, trainer: pl.Trainer) -> None:
+        spe = steps_per_epoch(trainer)
+        start = convert_step(self.start, spe, "start")
+        end = convert_step(self.end, spe, "end")
+        every = convert_step(self.every, spe, "every")
+        if every < 1:
+            raise ValueError(f"`every`={self.every} is less than one optimizer step")
+        if end < start and self.schedule in ("linear", "cubic"):
+            raise ValueError(
+                f"`end`={self.end} ({end} steps) is before `start`={self.start} ({start} steps)"
+            )
+        layer_values = match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
+        schedules: dict[str, Schedule] = {}
+        cache: dict[float, Schedule] = {}
+        for name in self.targets:
+            final = layer_values.get(name, self.sparsity)
+            if final not in cache:
+                cache[final] = Schedule(
+                    kind=self.schedule,
+                    final=final,
+                    start=start,
+                    end=max(end, start),
+                    every=every,
+                    rate=self.rate,
+                )
+            schedules[name] = cache[final]
+        pooled = [n for n in self.targets if n not in layer_values]
+        groups = [pooled] if self.scope == "global" and pooled else []
+        self.plan = PrunePlan(
+            schedules, groups, structure=self.structure, criterion=self.criterion, seed=self.seed
+        )
+        last = self.plan.last_event()
+        total = trainer.estimated_stepping_batches
+        if last is not None and self.schedule != "constant" and last >= total:
+            rank_zero_only(log.warning)(
+                "PruneCallback: the schedule's last event (step %d) is not before the end of "
+                "training (%d steps); the final sparsity %.3f will not be reached",
+                last,
+                total,
+                self.sparsity,
+            )
+
+    def _restore_masks(self, trainer: pl.Trainer) -> None:
+        assert self.masks is not None
+        if self._loaded is not None:
+            masks = HardMasks.unpack_state(self._loaded["masks"])
+            unknown = sorted(set(masks) - set(self.targets))
+            if unknown:
+                raise ValueError(
+                    f"the checkpoint holds PruneCallback masks for {unknown}, which this "
+                    f"callback does not target (targets: {self.targets})"
+                )
+            self.masks.set(masks)
+            self._last_event = int(self._loaded.get("last_event", -1))
+            self._loaded = None
+        elif self.schedule == "constant":
+            # Hold the zeros the weights already have (e.g. fine-tuning a pruned checkpoint).
+            self.masks.set({n: p.detach() != 0 for n, p in self.masks.params.items()})
+        self.masks.apply_to_optimizer_state(trainer.optimizers)
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        assert self.plan is not None and self.masks is not None
+        weights = {n: p.detach() for n, p in self.masks.params.items()}
+        current = {n: self.masks.keep_mask(n) for n in self.targets}
+        new = self.plan.masks(step, weights, current)
+        # Rank 0 decides; every rank applies the same masks.
+        new = trainer.strategy.broadcast({n: m.cpu() for n, m in new.items()}, src=0)
+        self.masks.set(new)
+        self.masks.apply_to_optimizer_state(trainer.optimizers)
+        self._last_event = step
+        self._log_event(trainer, step)
+
+    def layer_stats(self) -> list[dict[str, Any]]:
+        assert self.masks is not None
+        rows = []
+        for name in self.targets:
+            keep = self.masks.keep_mask(name)
+            kept = int(keep.sum())
+            rows.append(
+                {
+                    "layer": name,
+                    "shape": list(keep.shape),
+                    "numel": keep.numel(),
+                    "nonzero": kept,
+                    "sparsity": 1.0 - kept / keep.numel(),
+                }
+            )
+        return rows
+
+    def _log_event(self, trainer: pl.Trainer, step: int) -> None:
+        rows = self.layer_stats()
+        total = sum(r["numel"] for r in rows)
+        kept = sum(r["nonzero"] for r in rows)
+        metrics = {"prune/sparsity": 1.0 - kept / total, "prune/nonzero": float(kept)}
+        metrics.update({f"prune/sparsity/{r['layer']}": r["sparsity"] for r in rows})
+        self._history.append({"step": step, **metrics})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        rank_zero_only(log.info)(
+            "PruneCallback: step %d: sparsity %.4f, %d of %d weights left",
+            step,
+            metrics["prune/sparsity"],
+            kept,
+            total,
+        )
+
+    def _log_table(self, trainer: pl.Trainer) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        if not self.masks:
+            return
+        rows = self.layer_stats()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(
+                    key="prune/layers",
+                    columns=["layer", "shape", "nonzero", "sparsity"],
+                    data=[[r["layer"], str(r["shape"]), r["nonzero"], r["sparsity"]] for r in rows],
+                )
