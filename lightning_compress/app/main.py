@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 
 from lightning_compress.app.build import build_job
+from lightning_compress.targets import default_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,19 @@ def model_file_bytes(model: torch.nn.Module, path: Path) -> int:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
-    return {"total": total, "nonzero": nonzero}
+    """All parameters, and the Linear/Conv/attention weights that compression targets."""
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in default_weights(model)]
+    return {
+        "total": sum(p.numel() for p in params.values()),
+        "nonzero": sum(int(torch.count_nonzero(p.detach())) for p in params.values()),
+        "weights": sum(p.numel() for p in weights),
+        "weights_nonzero": sum(int(torch.count_nonzero(p.detach())) for p in weights),
+    }
 
 
-def _metrics(trainer: pl.Trainer, extra: list[dict[str, float]] | None = None) -> dict[str, float]:
-    out = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    for d in extra or []:
-        out.update({k: float(v) for k, v in d.items()})
-    return dict(sorted(out.items()))
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not torch.is_tensor(v) or v.numel() == 1}
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -75,14 +79,18 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         raise ConfigurationError(str(err)) from err
     trainer = job.trainer
     trainer.fit(job.module, datamodule=job.datamodule)
-    test = []
+    # Kept before testing, which replaces the trainer's metrics with the test split's.
+    metrics = _scalars(trainer.callback_metrics)
     if cfg.get("test_after_fit", True):
-        test = trainer.test(job.module, datamodule=job.datamodule, verbose=False)
+        for result in trainer.test(job.module, datamodule=job.datamodule, verbose=False):
+            metrics.update(_scalars(result))
     output_dir.mkdir(parents=True, exist_ok=True)
+    params = parameter_counts(job.module.net)
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "metrics": _metrics(trainer, test),
-        "parameters": parameter_counts(job.module.net),
+        "metrics": dict(sorted(metrics.items())),
+        "parameters": params,
+        "sparsity": 1.0 - params["weights_nonzero"] / max(1, params["weights"]),
         "model_bytes": model_file_bytes(job.module.net, output_dir / "model.safetensors"),
         "wall_time_s": round(time.perf_counter() - start, 3),
         "global_step": trainer.global_step,
@@ -101,6 +109,7 @@ def summary(record: dict[str, Any], output_dir: Path) -> str:
         f"== {record['config'].get('name', 'run')} ==",
         f"test accuracy  {100 * m['test/acc']:.2f}%" if "test/acc" in m else "test accuracy  n/a",
         f"parameters     {params['nonzero']:,} non-zero of {params['total']:,}",
+        f"weight sparsity {100 * record['sparsity']:.2f}% of Linear/Conv weights are zero",
         f"model file     {record['model_bytes']:,} bytes (safetensors)",
         f"wall time      {record['wall_time_s']:.1f} s, {record['global_step']} optimizer steps",
         f"record         {output_dir / 'results.json'}",

@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_compress.pruning.criteria import CRITERIA, get_criterion
-from lightning_compress.pruning.hard_masks import HardMasks
+from lightning_compress.pruning.hard_masks import ZERO_PRESERVING_OPTIMIZERS, HardMasks
 from lightning_compress.pruning.masks import parse_nm
 from lightning_compress.pruning.plan import PrunePlan
 from lightning_compress.pruning.schedules import SCHEDULES, Schedule
@@ -155,6 +155,7 @@ class PruneCallback(Callback):
         self._last_event = -1
         self._loaded: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
+        self._grads_masked = False
         self._history: list[dict[str, Any]] = []
 
     @property
@@ -199,6 +200,7 @@ class PruneCallback(Callback):
     ) -> None:
         if self.masks:
             self.masks.apply_to_grads()
+            self._grads_masked = True
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,7 +224,11 @@ class PruneCallback(Callback):
     # -- work --------------------------------------------------------------------------------------
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.masks:
+        # Masked gradients and zeroed state already keep zeros exact under the built-in
+        # optimizers; anything else (a custom rule, a step that bypassed the hook) is re-masked.
+        safe = self._grads_masked and type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+        self._grads_masked = False
+        if self.masks and not safe:
             self.masks.apply_to_weights()
 
     def resolve(self, pl_module: pl.LightningModule) -> list[str]:
@@ -329,7 +335,7 @@ class PruneCallback(Callback):
         rows = []
         for name in self.targets:
             keep = self.masks.keep_mask(name)
-            kept = int(keep.sum())
+            kept = int(torch.count_nonzero(keep))
             rows.append(
                 {
                     "layer": name,

@@ -42,13 +42,20 @@ CRITERIA: dict[str, Criterion] = {}
 def register_criterion(name: str, override: bool = False) -> Callable[[Criterion], Criterion]:
     """Decorator registering a criterion under ``name``.
 
+    Args:
+        name: The name configs and ``PruneCallback(criterion=...)`` use.
+        override: Replace a criterion already registered under ``name``.
+
     Raises:
         ValueError: ``name`` is taken and ``override`` is False.
     """
 
     def decorator(fn: Criterion) -> Criterion:
         if name in CRITERIA and not override:
-            raise ValueError(f"criterion {name!r} is already registered; pass override=True")
+            raise ValueError(
+                f"`name` {name!r} is already a registered criterion; pass override=True to "
+                "replace it"
+            )
         CRITERIA[name] = fn
         return fn
 
@@ -56,7 +63,10 @@ def register_criterion(name: str, override: bool = False) -> Callable[[Criterion
 
 
 def get_criterion(name: str) -> Criterion:
-    """Looks up a criterion.
+    """Looks up a registered criterion.
+
+    Args:
+        name: A key of :data:`CRITERIA`.
 
     Raises:
         ValueError: Unknown name, listing the registered ones.
@@ -75,6 +85,8 @@ def magnitude(weight: torch.Tensor, ctx: CriterionContext) -> torch.Tensor:
 @register_criterion("random")
 def random(weight: torch.Tensor, ctx: CriterionContext) -> torch.Tensor:
     """Uniform scores, identical for the same (seed, step, name) on every rank and resume."""
+    # crc32, unlike hash(), is the same in every process; a CPU generator gives the same numbers
+    # whatever the weight's device.
     seed = (ctx.seed * 1_000_003 + ctx.step * 7919 + zlib.crc32(ctx.name.encode())) % (2**63)
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(weight.shape, generator=generator).to(weight.device)

@@ -1,10 +1,12 @@
 """Hard masks on real parameters: pruned entries are zeros in ``weight`` itself.
 
 Nothing is reparametrised (no ``weight_orig``/``weight_mask``), so state_dict keys never change.
-Zeros are kept three ways, each cheap: gradients of pruned entries are zeroed before the optimizer
-step, optimizer state (momentum, Adam moments) of pruned entries is zeroed when a mask changes,
-and the mask is re-applied after every optimizer step, which also covers optimizers that move
-weights without a gradient (decoupled weight decay, custom update rules).
+Gradients of pruned entries are zeroed before the optimizer step and their optimizer state
+(momentum, Adam moments) when a mask changes. For torch's built-in optimizers a zero gradient with
+zero state is a zero update (weight decay of a zero weight is zero too), so that alone keeps the
+zeros exact; for any other optimizer, or a step whose gradients were not masked, the masks are
+re-applied to the weights after the step. Masks are held as 0/1 tensors in the parameter's dtype:
+enforcing one is a single vectorised multiply per tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from torch import nn
 
 from lightning_compress.ops import pack_bits, unpack_bits
 
+# Optimizers whose update of an entry with zero gradient and zero state is exactly zero,
+# weight decay (coupled or decoupled) included.
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
 
 class HardMasks:
     """Boolean keep-masks for named parameters of one model.
@@ -27,23 +39,22 @@ class HardMasks:
 
     def __init__(self, params: dict[str, nn.Parameter]) -> None:
         self.params = params
-        # Stored inverted (True = pruned) so that enforcing is one masked_fill_ per tensor.
-        self._pruned: dict[str, torch.Tensor] = {}
+        self._scale: dict[str, torch.Tensor] = {}  # 1 = kept, 0 = pruned, in the param's dtype
 
     def __contains__(self, name: str) -> bool:
-        return name in self._pruned
+        return name in self._scale
 
     def __len__(self) -> int:
-        return len(self._pruned)
+        return len(self._scale)
 
     def keep_mask(self, name: str) -> torch.Tensor:
         """The keep-mask (True = kept) of a parameter; all True if none was set."""
-        if name in self._pruned:
-            return ~self._pruned[name]
+        if name in self._scale:
+            return self._scale[name] != 0
         return torch.ones_like(self.params[name], dtype=torch.bool)
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
-        return {name: ~pruned for name, pruned in self._pruned.items()}
+        return {name: scale != 0 for name, scale in self._scale.items()}
 
     @torch.no_grad()
     def set(self, masks: dict[str, torch.Tensor]) -> None:
@@ -61,37 +72,38 @@ class HardMasks:
                     f"mask for {name!r} has shape {tuple(keep.shape)}, the parameter has "
                     f"{tuple(param.shape)}"
                 )
-            pruned = ~keep.to(device=param.device, dtype=torch.bool)
-            self._pruned[name] = pruned
-            param.masked_fill_(pruned, 0)
+            scale = keep.to(device=param.device, dtype=param.dtype)
+            self._scale[name] = scale
+            param.mul_(scale)
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        for name, pruned in self._pruned.items():
-            self.params[name].masked_fill_(pruned, 0)
+        for name, scale in self._scale.items():
+            self.params[name].mul_(scale)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
-        for name, pruned in self._pruned.items():
+        for name, scale in self._scale.items():
             grad = self.params[name].grad
             if grad is not None:
-                grad.masked_fill_(pruned, 0)
+                grad.mul_(scale)
 
     @torch.no_grad()
     def apply_to_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Zeros every per-element state tensor (momentum, moments) of pruned entries."""
         for optimizer in optimizers:
-            for name, pruned in self._pruned.items():
+            for name, scale in self._scale.items():
                 state = optimizer.state.get(self.params[name])
                 for value in (state or {}).values():
-                    if torch.is_tensor(value) and value.shape == pruned.shape:
-                        value.masked_fill_(pruned, 0)
+                    if torch.is_tensor(value) and value.shape == scale.shape:
+                        value.mul_(scale.to(value.dtype))
 
     def state_dict(self) -> dict[str, dict]:
         """Masks packed eight to a byte, plus their shapes: tensors and primitives only."""
+        masks = self.keep_masks()
         return {
-            "packed": {n: pack_bits((~p).cpu()) for n, p in self._pruned.items()},
-            "shapes": {n: list(p.shape) for n, p in self._pruned.items()},
+            "packed": {n: pack_bits(m.cpu()) for n, m in masks.items()},
+            "shapes": {n: list(m.shape) for n, m in masks.items()},
         }
 
     @staticmethod

@@ -7,40 +7,127 @@ broken by position, so every rank and every resume computes identical masks.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 
 import torch
 
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_NM = re.compile(r"^\s*([0-9]+)\s*:\s*([0-9]+)\s*$")
+_NM_FORMS = "'unstructured', 'channel' or 'N:M' with integers 1 <= N < M, like '2:4'"
 
 
 def parse_nm(structure: str) -> tuple[int, int] | None:
     """``"2:4"`` -> (2, 4): at most N non-zeros in every group of M; None for other structures.
 
+    Args:
+        structure: ``"unstructured"``, ``"channel"`` or ``"N:M"``.
+
     Raises:
-        ValueError: An N:M string with N < 1 or N >= M.
+        ValueError: Any other value, or an N:M string with N < 1 or N >= M.
     """
-    match = _NM.match(structure) if isinstance(structure, str) else None
-    if match is None:
+    if structure in ("unstructured", "channel"):
         return None
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n < m:
-        raise ValueError(f"`structure` N:M needs 1 <= N < M, got {structure!r}")
-    return n, m
+    match = _NM.match(structure) if isinstance(structure, str) else None
+    if match is None or not 1 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"`structure` must be {_NM_FORMS}, got {structure!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def sparsity(mask: torch.Tensor) -> float:
+    """Fraction of pruned entries (False) in a keep-mask.
+
+    Args:
+        mask: A keep-mask (True = kept).
+    """
+    return 1.0 - int(torch.count_nonzero(mask)) / mask.numel()
+
+
+def count_zeros(masks: dict[str, torch.Tensor]) -> int:
+    """Number of pruned entries (False) over all keep-masks.
+
+    Args:
+        masks: Keep-masks (True = kept) by name.
+    """
+    return sum(m.numel() - int(torch.count_nonzero(m)) for m in masks.values())
+
+
+_BINS = 4096
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a flat float tensor, exactly.
+
+    A histogram locates the bin holding the k-th value; the exact selection then runs on that
+    bin's few candidates only: a few linear passes instead of a full selection, several times
+    faster on tensors of millions of entries.
+    """
+    if flat.numel() < 4 * _BINS:
+        return flat.kthvalue(k).values
+    lo, hi = torch.aminmax(flat)
+    if lo == hi:
+        return lo
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):  # histc needs a finite range
+        return flat.kthvalue(k).values
+    counts = torch.histc(flat, bins=_BINS, min=float(lo), max=float(hi))
+    b = int(torch.searchsorted(torch.cumsum(counts, 0), float(k)))
+    width = (hi - lo) / _BINS
+    # Widen by a bin on each side: histc's bin edges round differently from a comparison.
+    a = lo + width * max(b - 1, 0)
+    c = lo + width * (b + 2)
+    below = int(torch.count_nonzero(flat < a))
+    candidates = flat[(flat >= a) & (flat <= c)] if b + 2 < _BINS else flat[flat >= a]
+    if not below < k <= below + candidates.numel():
+        return flat.kthvalue(k).values
+    return candidates.kthvalue(k - below).values
+
+
+def _rankable(scores: torch.Tensor) -> torch.Tensor:
+    """Scores to rank: float64 as given, anything else as float32.
+
+    Half precision converts exactly, and not every selection kernel supports it.
+    """
+    scores = scores.detach()
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
+def _group_target(group: list[str], targets: dict[str, float]) -> float:
+    """The one target of a global group.
+
+    Raises:
+        ValueError: The group's members have different targets.
+    """
+    given = {name: targets[name] for name in group}
+    if len(set(given.values())) != 1:
+        raise ValueError(f"`targets` of a global group must be equal, got {given}")
+    return given[group[0]]
 
 
 def _ranked_prune(scores: torch.Tensor, current: torch.Tensor, n_zero: int) -> torch.Tensor:
-    """Keep-mask (flat) zeroing the ``n_zero`` lowest scores, already-pruned entries first."""
-    flat = scores.detach().reshape(-1).to(torch.float64)
-    flat = flat.masked_fill(~current.reshape(-1), float("-inf"))
-    already = int((~current).sum())
-    n_zero = max(n_zero, already)
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if n_zero > 0:
-        # Stable sort: equal scores are pruned in index order, deterministically.
-        order = torch.sort(flat, stable=True).indices
-        keep[order[:n_zero]] = False
+    """Keep-mask (flat) with exactly ``max(n_zero, already pruned)`` zeros.
+
+    Already-pruned entries stay pruned; the rest of the budget goes to the lowest-scoring
+    survivors. Equal scores at the threshold are pruned in index order, so the count is exact and
+    every rank computes the same mask.
+    """
+    flat = _rankable(scores).reshape(-1)
+    alive = current.reshape(-1)
+    n = flat.numel()
+    survivors = int(torch.count_nonzero(alive))
+    extra = n_zero - (n - survivors)  # survivors still to prune
+    if extra <= 0:
+        return alive.clone()
+    if extra >= survivors:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    values = flat if survivors == n else flat[alive]
+    threshold = kth_smallest(values, extra)
+    keep = flat > threshold
+    if survivors < n:
+        keep &= alive
+    excess = (n - int(torch.count_nonzero(keep))) - max(n_zero, n - survivors)
+    if excess > 0:  # ties at the threshold: keep the last ones, prune the first
+        ties = ((flat == threshold) & alive).nonzero().squeeze(1)
+        keep[ties[ties.numel() - excess :]] = True
     return keep
 
 
@@ -50,22 +137,29 @@ def unstructured_masks(
     targets: dict[str, float],
     global_groups: list[list[str]],
 ) -> dict[str, torch.Tensor]:
-    """Element-wise masks: layers alone at their target, global groups under one threshold."""
+    """Element-wise keep-masks: layers alone at their target, global groups under one threshold.
+
+    Args:
+        scores: Per name, scores shaped like the weight (higher = kept).
+        current: Per name, the keep-mask in force; its pruned entries stay pruned.
+        targets: Per name, the fraction of zeros wanted. A layer alone gets exactly
+            round(target * numel) zeros, or keeps its current mask if that already has more.
+        global_groups: Names ranked together; a group's members share one target, applied to
+            the group's total size.
+
+    Raises:
+        ValueError: Members of a global group have different targets.
+    """
     out: dict[str, torch.Tensor] = {}
-    grouped = {name for group in global_groups for name in group}
     for group in global_groups:
-        flat_scores = torch.cat([scores[n].reshape(-1).float().cpu() for n in group])
-        flat_current = torch.cat([current[n].reshape(-1).cpu() for n in group])
-        n_zero = round(targets[group[0]] * flat_scores.numel())
+        flat_scores = torch.cat([_rankable(scores[n]).reshape(-1) for n in group])
+        flat_current = torch.cat([current[n].reshape(-1).to(flat_scores.device) for n in group])
+        n_zero = round(_group_target(group, targets) * flat_scores.numel())
         keep = _ranked_prune(flat_scores, flat_current, n_zero)
-        offset = 0
-        for name in group:
-            size = scores[name].numel()
-            chunk = keep[offset : offset + size].view(scores[name].shape)
-            out[name] = chunk.to(scores[name].device)
-            offset += size
+        for name, chunk in zip(group, keep.split([scores[n].numel() for n in group]), strict=True):
+            out[name] = chunk.view(scores[name].shape).to(scores[name].device)
     for name, score in scores.items():
-        if name not in grouped:
+        if name not in out:
             n_zero = round(targets[name] * score.numel())
             out[name] = _ranked_prune(score, current[name], n_zero).view(score.shape)
     return out
@@ -74,30 +168,57 @@ def unstructured_masks(
 def nm_masks(
     scores: dict[str, torch.Tensor], n: int, m: int, zeros_per_group: int
 ) -> dict[str, torch.Tensor]:
-    """N:M masks along the input dimension: the lowest ``zeros_per_group`` of every M inputs.
+    """N:M keep-masks along the input dimension: the lowest ``zeros_per_group`` of every M.
 
-    Linear weights (out, in) group consecutive inputs; conv weights (out, in, kh, kw) group input
-    channels at each (out, kh, kw) position.
+    Linear weights (out, in) group M consecutive inputs; conv weights (out, in, *kernel) group M
+    consecutive input channels at each (out, *kernel) position. Equal scores are pruned in
+    index order.
+
+    Args:
+        scores: Per name, scores shaped like the weight (higher = kept).
+        n: N of the pattern (for error messages).
+        m: Group size M.
+        zeros_per_group: Entries zeroed in every group: ``m - n`` for the final pattern, fewer
+            on a gradual ramp.
 
     Raises:
-        ValueError: The input dimension is not a multiple of M.
+        ValueError: ``zeros_per_group`` is outside [0, m], or an input dimension is not a
+            multiple of M.
     """
+    if not 0 <= zeros_per_group <= m:
+        raise ValueError(f"`zeros_per_group` must be in [0, {m}], got {zeros_per_group}")
     out = {}
     for name, score in scores.items():
-        s = score.detach().float()
-        moved = s.movedim(1, -1) if s.dim() > 2 else s
+        # Inputs last, so that groups are runs of M along the flattened tensor.
+        moved = _rankable(score).movedim(1, -1)
         if moved.shape[-1] % m:
             raise ValueError(
-                f"`structure`={n}:{m}: {name!r} has {moved.shape[-1]} inputs, not divisible by {m}"
+                f"`structure`='{n}:{m}': {name!r} has {moved.shape[-1]} inputs along dim 1, not "
+                f"divisible by M={m}"
             )
         groups = moved.reshape(-1, m)
         keep = torch.ones_like(groups, dtype=torch.bool)
-        if zeros_per_group > 0:
-            order = torch.sort(groups, dim=1, stable=True).indices[:, :zeros_per_group]
-            keep.scatter_(1, order, False)
-        keep = keep.view(moved.shape)
-        out[name] = keep.movedim(-1, 1) if s.dim() > 2 else keep
+        order = torch.sort(groups, dim=1, stable=True).indices[:, :zeros_per_group]
+        keep.scatter_(1, order, False)
+        out[name] = keep.view(moved.shape).movedim(-1, 1)
     return out
+
+
+def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Flags the ``count`` lowest of 1-D ``scores``; equal scores in index order."""
+    flags = torch.zeros_like(scores, dtype=torch.bool)
+    flags[torch.sort(scores, stable=True).indices[:count]] = True
+    return flags
+
+
+def _rows_to_mask(dead: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Keep-mask of ``shape`` pruning the output channels (rows) flagged in ``dead``."""
+    return (~dead).view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
+
+
+def _dead_rows(keep: torch.Tensor) -> torch.Tensor:
+    """Output channels with any pruned entry: they stay pruned, and whole."""
+    return ~keep.reshape(keep.shape[0], -1).all(dim=1)
 
 
 def channel_masks(
@@ -106,51 +227,51 @@ def channel_masks(
     targets: dict[str, float],
     global_groups: list[list[str]],
 ) -> dict[str, torch.Tensor]:
-    """Whole output channels (dim 0) by L2 norm; already-pruned channels stay pruned.
+    """Keep-masks pruning whole output channels (dim 0), scored by their L2 norm.
 
-    A layer alone prunes round(target * channels) channels. A global group ranks channels of all
-    its layers by RMS (norm / sqrt(channel size), comparable across layer sizes) and prunes the
-    lowest until round(target * weights) weights are pruned, overshooting by less than a channel.
+    A channel with any entry pruned in ``current`` counts as pruned and stays so. Equal scores
+    are pruned in index order.
+
+    Args:
+        weights: Per name, the weight (out, ...).
+        current: Per name, the keep-mask in force.
+        targets: Per name, the fraction of zeros wanted. A layer alone prunes
+            round(target * out_channels) channels (or keeps more if already pruned).
+        global_groups: Names ranked together by channel RMS (L2 norm / sqrt(channel size), so
+            that layers of different widths compare); the lowest channels are pruned until the
+            number of pruned weights is the closest to round(target * group size), which is
+            within one channel.
+
+    Raises:
+        ValueError: Members of a global group have different targets.
     """
     out: dict[str, torch.Tensor] = {}
-
-    def channel_keep(name: str, dead: torch.Tensor) -> torch.Tensor:
-        shape = weights[name].shape
-        return (~dead).view(-1, *([1] * (len(shape) - 1))).expand(shape).clone()
-
-    grouped = {name for group in global_groups for name in group}
     for group in global_groups:
-        rms, sizes, owners, was_dead = [], [], [], []
+        rms, sizes, dead_before = [], [], []
         for name in group:
-            w = weights[name].detach().float().reshape(weights[name].shape[0], -1)
-            rms.append(w.norm(dim=1).cpu() / math.sqrt(w.shape[1]))
-            sizes.append(torch.full((w.shape[0],), w.shape[1]))
-            owners.append(name)
-            was_dead.append(~current[name].reshape(w.shape[0], -1).all(dim=1).cpu())
-        score = torch.cat(rms).to(torch.float64).masked_fill(torch.cat(was_dead), float("-inf"))
-        size = torch.cat(sizes)
-        budget = round(targets[group[0]] * int(size.sum()))
+            rows = weights[name].detach().to(torch.float64).reshape(weights[name].shape[0], -1)
+            rms.append(rows.norm(dim=1).cpu() / math.sqrt(rows.shape[1]))
+            sizes.append(torch.full((rows.shape[0],), rows.shape[1]))
+            dead_before.append(_dead_rows(current[name]).cpu())
+        was_dead = torch.cat(dead_before)
+        score = torch.cat(rms).masked_fill(was_dead, float("-inf"))
         order = torch.sort(score, stable=True).indices
-        cumulative = torch.cumsum(size[order], 0)
-        # Smallest prefix whose pruned weights reach the budget (or all already-dead channels).
-        n_dead = int((cumulative < budget).sum()) + (1 if budget > 0 else 0)
-        n_dead = max(min(n_dead, len(order)), int(torch.cat(was_dead).sum()))
-        dead = torch.zeros(len(order), dtype=torch.bool)
-        dead[order[:n_dead]] = True
-        offset = 0
-        for name in owners:
-            rows = weights[name].shape[0]
-            out[name] = channel_keep(name, dead[offset : offset + rows]).to(weights[name].device)
-            offset += rows
+        # pruned[p]: weights pruned by the p lowest channels.
+        pruned = [0, *torch.cumsum(torch.cat(sizes)[order], 0).tolist()]
+        budget = round(_group_target(group, targets) * pruned[-1])
+        reach = bisect.bisect_left(pruned, budget)
+        below = max(reach - 1, 0)
+        count = below if budget - pruned[below] < pruned[reach] - budget else reach
+        dead = _lowest(score, max(count, int(was_dead.sum())))
+        for name, flags in zip(
+            group, dead.split([weights[n].shape[0] for n in group]), strict=True
+        ):
+            out[name] = _rows_to_mask(flags, weights[name].shape).to(weights[name].device)
     for name, w in weights.items():
-        if name in grouped:
-            continue
-        rows = w.shape[0]
-        norms = w.detach().float().reshape(rows, -1).norm(dim=1).to(torch.float64)
-        was_dead = ~current[name].reshape(rows, -1).all(dim=1)
-        norms = norms.masked_fill(was_dead, float("-inf"))
-        n_dead = max(round(targets[name] * rows), int(was_dead.sum()))
-        dead = torch.zeros(rows, dtype=torch.bool, device=w.device)
-        dead[torch.sort(norms, stable=True).indices[:n_dead]] = True
-        out[name] = channel_keep(name, dead)
+        if name not in out:
+            was_dead = _dead_rows(current[name])
+            norms = w.detach().to(torch.float64).reshape(w.shape[0], -1).norm(dim=1)
+            count = max(round(targets[name] * w.shape[0]), int(was_dead.sum()))
+            dead = _lowest(norms.masked_fill(was_dead, float("-inf")), count)
+            out[name] = _rows_to_mask(dead, w.shape)
     return out

@@ -14,20 +14,31 @@ SCHEDULES = ("oneshot", "linear", "cubic", "iterative", "constant")
 
 @dataclass(frozen=True)
 class Schedule:
-    """When masks change and to which sparsity, in optimizer steps.
+    """When masks are recomputed and to which sparsity, in optimizer steps.
+
+    Before its first event a schedule is at ``initial`` (0.0 by default: nothing pruned yet).
+
+    - ``oneshot``: ``final`` at ``start``.
+    - ``linear``, ``cubic``: events at ``start``, ``start + every``, ... and at ``end`` itself,
+      ``initial`` at ``start`` rising to ``final`` exactly at ``end`` (cubic: Zhu & Gupta 2017);
+      ``end == start`` is a one-shot.
+    - ``iterative``: events every ``every`` from ``start``, each pruning ``rate`` of the weights
+      that remain, until ``final`` (the last event lands exactly on it). The number of rounds
+      follows from ``rate`` and ``final``, so ``end`` is not used: it never cuts the run short.
+    - ``constant``: one event at ``start`` holding ``initial`` (existing masks are kept).
 
     Args:
         kind: One of :data:`SCHEDULES`.
         final: Final sparsity, in [0, 1).
         start: First event.
-        end: Last event of ``linear``/``cubic`` (the final sparsity is reached there).
-            Ignored by ``iterative``, which prunes every ``every`` until ``final``.
-        every: Steps between events.
-        initial: Sparsity at ``start`` for ``linear``/``cubic`` (s_i of Zhu & Gupta).
-        rate: Fraction of the remaining weights pruned per ``iterative`` event.
+        end: Last event of ``linear``/``cubic``, >= ``start``.
+        every: Steps between events, >= 1.
+        initial: Sparsity before the first event, s_i of Zhu & Gupta, in [0, ``final``].
+        rate: Fraction of the remaining weights pruned per event, in (0, 1); ``iterative`` only.
 
     Raises:
-        ValueError: Values out of range.
+        ValueError: A value out of range, or ``rate`` missing for (or given to a kind other
+            than) ``iterative``.
     """
 
     kind: str
@@ -40,70 +51,89 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {self.kind!r}")
+            raise ValueError(f"`kind` must be one of {SCHEDULES}, got {self.kind!r}")
         if not 0.0 <= self.final < 1.0:
-            raise ValueError(f"`sparsity` must be in [0, 1), got {self.final}")
+            raise ValueError(f"`final` must be in [0, 1), got {self.final}")
         if not 0.0 <= self.initial <= self.final:
-            raise ValueError(f"`initial` must be in [0, {self.final}], got {self.initial}")
-        if self.start < 0 or self.end < self.start:
-            raise ValueError(f"need 0 <= start <= end, got start={self.start}, end={self.end}")
+            raise ValueError(f"`initial` must be in [0, `final`={self.final}], got {self.initial}")
+        if self.start < 0:
+            raise ValueError(f"`start` must be >= 0, got {self.start}")
+        if self.end < self.start:
+            raise ValueError(f"`end` must be >= `start`={self.start}, got {self.end}")
         if self.every < 1:
-            raise ValueError(f"`every` must be at least one step, got {self.every}")
-        if self.kind == "iterative" and (self.rate is None or not 0.0 < self.rate < 1.0):
-            raise ValueError(f"`rate` must be in (0, 1) for 'iterative', got {self.rate}")
+            raise ValueError(f"`every` must be >= 1 optimizer step, got {self.every}")
+        if self.kind == "iterative":
+            if self.rate is None or not 0.0 < self.rate < 1.0:
+                raise ValueError(f"`rate` must be in (0, 1) for kind='iterative', got {self.rate}")
+        elif self.rate is not None:
+            raise ValueError(
+                f"`rate` applies only to kind='iterative', got rate={self.rate} for "
+                f"kind={self.kind!r}"
+            )
 
-    @property
-    def rounds(self) -> int:
-        """Number of events (for ``iterative``: until the final sparsity is reached)."""
-        if self.kind in ("oneshot", "constant"):
-            return 1
+    def _rounds(self) -> int:
+        """Number of events."""
         if self.kind == "iterative":
             assert self.rate is not None
-            if self.final <= self.initial:
+            if self.final == self.initial:
                 return 0
             needed = math.log((1 - self.final) / (1 - self.initial)) / math.log(1 - self.rate)
+            # A final of exactly 1 - (1 - rate)^k (FlipOut's 1 - 0.5^k) can come out of the logs
+            # as k + 1e-16; that must not add a round that prunes next to nothing.
             return max(1, math.ceil(needed - 1e-9))
-        if self.end == self.start:
-            return 1
-        # start, start + every, ..., and `end` itself when it is not on that grid.
-        return (self.end - self.start + self.every - 1) // self.every + 1
-
-    def events(self) -> list[int]:
-        """Every step at which masks are recomputed."""
-        return [self._event(k) for k in range(self.rounds)]
+        if self.kind in ("linear", "cubic"):
+            # start, start + every, ... below end, then end itself.
+            return (self.end - self.start + self.every - 1) // self.every + 1
+        return 1
 
     def _event(self, k: int) -> int:
+        """The step of event ``k`` (0-based)."""
         if self.kind in ("linear", "cubic"):
             return min(self.start + k * self.every, self.end)
         return self.start + k * self.every
 
+    def events(self) -> list[int]:
+        """Every step at which masks are recomputed, in order."""
+        return [self._event(k) for k in range(self._rounds())]
+
     def round_index(self, step: int) -> int:
-        """How many events happened at or before ``step``."""
-        if step < self.start or self.rounds == 0:
+        """How many events happened at or before ``step`` (0 before the first).
+
+        Args:
+            step: Optimizer step.
+        """
+        if step < self.start:
             return 0
         if self.kind in ("linear", "cubic") and step >= self.end:
-            return self.rounds
-        return min(self.rounds, (step - self.start) // self.every + 1)
+            return self._rounds()
+        return min(self._rounds(), (step - self.start) // self.every + 1)
 
     def is_event(self, step: int) -> bool:
+        """Whether masks are recomputed at ``step``.
+
+        Args:
+            step: Optimizer step.
+        """
         k = self.round_index(step)
         return k > 0 and self._event(k - 1) == step
 
     def value_at(self, step: int) -> float:
-        """Target sparsity in force at ``step`` (that of the last event at or before it)."""
-        if self.kind == "constant":
-            return self.initial
+        """Target sparsity in force at ``step``: that of the last event at or before it.
+
+        Args:
+            step: Optimizer step.
+        """
         k = self.round_index(step)
-        if k == 0:
-            return self.initial if self.kind in ("linear", "cubic") and step >= self.start else 0.0
-        if k == self.rounds:
-            return self.final
-        if self.kind == "oneshot":
+        if self.kind == "constant" or k == 0:
+            return self.initial
+        if k == self._rounds():
             return self.final
         if self.kind == "iterative":
             assert self.rate is not None
-            return min(self.final, 1.0 - (1.0 - self.initial) * (1.0 - self.rate) ** k)
+            return 1.0 - (1.0 - self.initial) * (1.0 - self.rate) ** k
+        # 0 < k < rounds: a linear or cubic ramp, so end > start.
         progress = (self._event(k - 1) - self.start) / (self.end - self.start)
         if self.kind == "linear":
             return self.initial + (self.final - self.initial) * progress
-        return self.final + (self.initial - self.final) * (1.0 - progress) ** 3
+        # Zhu & Gupta's s_f + (s_i - s_f)(1 - p)^3, arranged to give s_i exactly at p = 0.
+        return self.initial + (self.final - self.initial) * (1.0 - (1.0 - progress) ** 3)

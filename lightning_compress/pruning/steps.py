@@ -6,18 +6,28 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-_STEP = re.compile(r"^\s*(\d+)\s*(ep|it)?\s*$")
+_STEP = re.compile(r"^\s*([0-9]+)\s*(ep|it)?\s*$")
 
 
 @dataclass(frozen=True)
 class Step:
-    """A point on the training clock, in epochs or optimizer steps."""
+    """A point on the training clock, in epochs or optimizer steps.
+
+    Args:
+        value: How many epochs or optimizer steps.
+        unit: ``"ep"`` (epochs) or ``"it"`` (optimizer steps).
+    """
 
     value: int
     unit: Literal["ep", "it"]
 
     def to_steps(self, steps_per_epoch: int) -> int:
-        """Optimizer steps, given how many the trainer really takes per epoch."""
+        """Optimizer steps, given how many the trainer really takes per epoch.
+
+        Args:
+            steps_per_epoch: Optimizer steps per epoch (after gradient accumulation, batch limits
+                and world size); ignored for ``"it"``.
+        """
         return self.value * steps_per_epoch if self.unit == "ep" else self.value
 
     def __str__(self) -> str:
@@ -28,7 +38,8 @@ def parse_step(value: str | int | Step, name: str) -> Step:
     """Parses a step argument.
 
     Args:
-        value: ``"10ep"``, ``"500it"``, ``"500"`` or an int >= 0 (optimizer steps).
+        value: ``"10ep"``, ``"500it"``, ``"500"`` or an int >= 0 (optimizer steps); a
+            :class:`Step` is returned as is.
         name: The argument's name, for the error message.
 
     Raises:
@@ -36,9 +47,8 @@ def parse_step(value: str | int | Step, name: str) -> Step:
     """
     if isinstance(value, Step):
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"`{name}` must be >= 0, got {value}")
+    # bool is an int subclass, but `start=True` is a mistake, not step 1.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return Step(value, "it")
     match = _STEP.match(value) if isinstance(value, str) else None
     if match is None:

@@ -213,15 +213,17 @@ def test_constant_schedule_holds_existing_zeros(tmp_path):
     assert (model.fc1.weight != 0).sum() == 32 * 16
 
 
-def test_custom_criterion_from_the_registry(tmp_path):
-    name = "keep_first_column_test"
-    if name not in CRITERIA:
+def test_custom_criterion_from_the_registry(tmp_path, monkeypatch):
+    from lightning_compress.pruning import criteria
 
-        @register_criterion(name)
-        def first_column(weight, ctx):
-            scores = torch.zeros_like(weight, dtype=torch.float32)
-            scores[..., 0] = 1.0
-            return scores
+    monkeypatch.setattr(criteria, "CRITERIA", dict(CRITERIA))  # leave the real registry alone
+    name = "keep_first_column_test"
+
+    @register_criterion(name)
+    def first_column(weight, ctx):
+        scores = torch.zeros_like(weight, dtype=torch.float32)
+        scores[..., 0] = 1.0
+        return scores
 
     prune = PruneCallback(
         sparsity=0.75, criterion=name, include=["fc2"], schedule="oneshot", start=0
@@ -403,3 +405,60 @@ def test_logs_sparsity_through_the_trainer_logger(tmp_path, caplog):
     lines = [m for m in caplog.messages if m.startswith("PruneCallback: step")]
     assert len(lines) == 3
     assert "sparsity 0.5000" in lines[-1]
+
+
+def test_wandb_gets_a_per_layer_sparsity_table(tmp_path, monkeypatch):
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="lc-test", save_dir=str(tmp_path), offline=True)
+    logged = []
+    real_log = logger.experiment.log
+    monkeypatch.setattr(
+        logger.experiment,
+        "log",
+        lambda data, *a, **k: (logged.append(data), real_log(data, *a, **k)),
+    )
+    prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep")
+    model, _ = fit(tmp_path, [prune], max_epochs=2, logger=logger)
+    logger.experiment.finish()
+
+    tables = [d["prune/layers"] for d in logged if "prune/layers" in d]
+    assert len(tables) == 1 and isinstance(tables[0], wandb.Table)
+    rows = {row[0]: row for row in tables[0].data}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(rows) == linears
+    nonzero = int((model.fc1.weight != 0).sum())
+    assert rows["fc1.weight"][2] == nonzero
+    assert any("prune/sparsity/fc1.weight" in d for d in logged)
+    assert list(tmp_path.rglob("*.wandb"))  # the offline run was written locally
+
+
+class DriftingSGD(torch.optim.Optimizer):
+    """A custom rule that moves every weight, gradient or not (as some research optimizers do)."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+                p.add_(1e-3)
+        return loss
+
+
+def test_custom_optimizer_cannot_regrow_pruned_weights(tmp_path):
+    class Drifting(TinyMLP):
+        def configure_optimizers(self):
+            return DriftingSGD(self.parameters())
+
+    prune = PruneCallback(sparsity=0.6, schedule="linear", start=0, end="2ep", every="4it")
+    watcher = ZeroWatcher(prune)
+    fit(tmp_path, [prune, watcher], model=Drifting(), max_epochs=3)
+    assert watcher.checked > 20

@@ -1,0 +1,120 @@
+"""Epoch time with PruneCallback (cubic schedule, masks enforced every step) over plain training.
+
+Plain and pruned runs alternate in one process so both see the same machine load; each run
+trains a few epochs and the first (warm-up) epoch is dropped. The ratio of medians is reported
+for LeNet-300-100 and a wide MLP (784-4096-4096-10) on the mnist5k training split.
+
+    python benchmarks/prune_overhead.py [--reps 5] [--out benchmarks/results/prune_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_compress import PruneCallback
+from lightning_compress.zoo import ClassificationModule, LeNet300100, MNIST5k
+
+
+class EpochTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def make_module(width: int | None) -> ClassificationModule:
+    hidden = (300, 100) if width is None else (width, width)
+    net = LeNet300100(hidden=hidden)
+    opt = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return ClassificationModule(net, optimizer=opt)
+
+
+def one_run(width: int | None, pruned: bool, epochs: int, batches: int, every: str) -> list[float]:
+    pl.seed_everything(0, verbose=False)
+    timer = EpochTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if pruned:
+        # Masks change every `every` (cubic ramp over the measured epochs) and are enforced
+        # at every optimizer step.
+        callbacks.append(
+            PruneCallback(
+                sparsity=0.9, schedule="cubic", start=0, end=f"{epochs - 1}ep", every=every
+            )
+        )
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+    )
+    dm = MNIST5k(batch_size=64, shift=0)
+    trainer.fit(make_module(width), datamodule=dm)
+    return timer.times[1:]  # the first epoch warms up allocators and caches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--every", default="1ep", help="steps between mask updates")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_overhead.json"))
+    args = parser.parse_args()
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_compress").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    cases = {"lenet300": (None, 55), "wide4096": (4096, 55)}
+    results = {}
+    for name, (width, batches) in cases.items():
+        plain: list[float] = []
+        pruned: list[float] = []
+        for _ in range(args.reps):
+            plain += one_run(width, False, args.epochs, batches, args.every)
+            pruned += one_run(width, True, args.epochs, batches, args.every)
+        ratio = statistics.median(pruned) / statistics.median(plain)
+        results[name] = {
+            "batches_per_epoch": batches,
+            "plain_epoch_s": plain,
+            "pruned_epoch_s": pruned,
+            "median_plain_s": statistics.median(plain),
+            "median_pruned_s": statistics.median(pruned),
+            "ratio": ratio,
+        }
+        print(
+            f"{name:10s} plain {statistics.median(plain):.3f}s  pruned "
+            f"{statistics.median(pruned):.3f}s  ratio {ratio:.3f}  (n={len(plain)} epochs each)"
+        )
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "reps": args.reps,
+        "every": args.every,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
