@@ -66,6 +66,7 @@ def plot(summary: dict[str, list[tuple[float, float, float, int]]], out: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in summary.items():
@@ -79,6 +80,9 @@ def plot(summary: dict[str, list[tuple[float, float, float, int]]], out: Path) -
             label=name,
         )
     ax.set_xscale("log")
+    ticks = sorted({round(100.0 * (1.0 - s), 2) for rows in summary.values() for s, *_ in rows})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
