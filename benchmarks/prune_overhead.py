@@ -1,10 +1,13 @@
 """Epoch time with PruneCallback (cubic schedule, masks enforced every step) over plain training.
 
+With ``--criterion flipout`` the callback is FlipOut instead: an iterative schedule halving the
+survivors every epoch, sign flips counted and gradient noise added at every optimizer step.
+
 Plain and pruned runs alternate in one process so both see the same machine load; each run
 trains a few epochs and the first (warm-up) epoch is dropped. The ratio of medians is reported
 for LeNet-300-100 and a wide MLP (784-4096-4096-10) on the mnist5k training split.
 
-    python benchmarks/prune_overhead.py [--reps 5] [--out benchmarks/results/prune_overhead.json]
+    python benchmarks/prune_overhead.py [--reps 5] [--criterion magnitude|flipout] [--out ...]
 """
 
 from __future__ import annotations
@@ -45,18 +48,31 @@ def make_module(width: int | None) -> ClassificationModule:
     return ClassificationModule(net, optimizer=opt)
 
 
-def one_run(width: int | None, pruned: bool, epochs: int, batches: int, every: str) -> list[float]:
+def make_callback(criterion: str, epochs: int, every: str) -> PruneCallback:
+    if criterion == "flipout":
+        return PruneCallback(
+            sparsity=1 - 0.5 ** (epochs - 1),
+            schedule="iterative",
+            rate=0.5,
+            start="1ep",
+            every="1ep",
+            criterion="flipout",
+        )
+    # Masks change every `every` (cubic ramp over the measured epochs) and are enforced at
+    # every optimizer step.
+    return PruneCallback(
+        sparsity=0.9, schedule="cubic", start=0, end=f"{epochs - 1}ep", every=every
+    )
+
+
+def one_run(
+    width: int | None, pruned: bool, epochs: int, batches: int, every: str, criterion: str
+) -> list[float]:
     pl.seed_everything(0, verbose=False)
     timer = EpochTimer()
     callbacks: list[pl.Callback] = [timer]
     if pruned:
-        # Masks change every `every` (cubic ramp over the measured epochs) and are enforced
-        # at every optimizer step.
-        callbacks.append(
-            PruneCallback(
-                sparsity=0.9, schedule="cubic", start=0, end=f"{epochs - 1}ep", every=every
-            )
-        )
+        callbacks.append(make_callback(criterion, epochs, every))
     trainer = pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=batches,
@@ -78,19 +94,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every", default="1ep", help="steps between mask updates")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prune_overhead.json"))
+    parser.add_argument("--criterion", choices=["magnitude", "flipout"], default="magnitude")
+    parser.add_argument("--models", default="lenet300,wide4096", help="comma-separated cases")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.out is None:
+        stem = "prune_overhead" if args.criterion == "magnitude" else "flipout_overhead"
+        args.out = Path(f"benchmarks/results/{stem}.json")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_compress").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    cases = {"lenet300": (None, 55), "wide4096": (4096, 55)}
+    known = {"lenet300": (None, 55), "wide4096": (4096, 55)}
+    cases = {name: known[name] for name in args.models.split(",")}
     results = {}
     for name, (width, batches) in cases.items():
         plain: list[float] = []
         pruned: list[float] = []
         for _ in range(args.reps):
-            plain += one_run(width, False, args.epochs, batches, args.every)
-            pruned += one_run(width, True, args.epochs, batches, args.every)
+            plain += one_run(width, False, args.epochs, batches, args.every, args.criterion)
+            pruned += one_run(width, True, args.epochs, batches, args.every, args.criterion)
         ratio = statistics.median(pruned) / statistics.median(plain)
         results[name] = {
             "batches_per_epoch": batches,
@@ -110,6 +132,7 @@ def main() -> None:
         "machine": platform.machine(),
         "reps": args.reps,
         "every": args.every,
+        "criterion": args.criterion,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """lightning-compress: model compression as PyTorch Lightning callbacks."""
 
-from lightning_compress.callbacks import PruneCallback
+from lightning_compress.callbacks import PruneCallback, RewindCallback
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PruneCallback"]
+__all__ = ["PruneCallback", "RewindCallback"]

@@ -151,3 +151,21 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def offline_wandb(tmp_path: Path, monkeypatch: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """An offline WandbLogger whose ``experiment.log`` payloads are also kept in a list."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="lc-test", save_dir=str(tmp_path), offline=True)
+    logged: list[dict[str, Any]] = []
+    real_log = logger.experiment.log
+
+    def log(data, *args, **kwargs):
+        logged.append(data)
+        return real_log(data, *args, **kwargs)
+
+    monkeypatch.setattr(logger.experiment, "log", log)
+    return logger, logged

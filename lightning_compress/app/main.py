@@ -94,6 +94,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "model_bytes": model_file_bytes(job.module.net, output_dir / "model.safetensors"),
         "wall_time_s": round(time.perf_counter() - start, 3),
         "global_step": trainer.global_step,
+        # Iterative schedules: sparsity and monitored metric at the end of every round.
+        "rounds": [r for c in job.callbacks for r in getattr(c, "rounds", [])],
     }
     _finish_logger(job.logger)
     if trainer.is_global_zero:

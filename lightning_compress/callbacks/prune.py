@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_compress.pruning.criteria import CRITERIA, get_criterion
+from lightning_compress.pruning.flipout import FlipCounter
 from lightning_compress.pruning.hard_masks import ZERO_PRESERVING_OPTIMIZERS, HardMasks
 from lightning_compress.pruning.masks import parse_nm
 from lightning_compress.pruning.plan import PrunePlan
@@ -24,6 +25,29 @@ from lightning_compress.targets import match_overrides, resolve_weights
 log = logging.getLogger(__name__)
 
 SCOPES = ("global", "layer")
+
+
+class PruneListener(Protocol):
+    """What another callback (``RewindCallback``) implements to follow a PruneCallback's events.
+
+    The PruneCallback calls these itself, so the coordination does not depend on the order of
+    ``Trainer(callbacks=[...])``.
+    """
+
+    def on_prune_ready(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback
+    ) -> None:
+        """The plan is built and masks restored (start of training, before the first step)."""
+
+    def before_prune(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
+    ) -> None:
+        """A pruning event at ``step`` is about to change the masks."""
+
+    def after_prune(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
+    ) -> None:
+        """The masks of the event at ``step`` are set and applied."""
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:
@@ -75,7 +99,14 @@ class PruneCallback(Callback):
         exclude: Patterns removed from the targets.
         rate: Fraction of the remaining weights pruned per event (``schedule="iterative"``).
         overrides: Final sparsity per name pattern, pruned layer-wise, e.g. ``{"fc3": 0.74}``.
-        seed: Seed for random scores (identical on every rank and resume).
+        rates: Per-round rate by name pattern for ``schedule="iterative"``, pruned layer-wise
+            for the same number of rounds, e.g. ``{"fc3": 0.1}`` (Frankle & Carbin prune the
+            output layer at half the rate).
+        seed: Seed for random scores and FlipOut noise (identical on every rank and resume).
+        flipout_p: Exponent p of the FlipOut score ``|w|^p / (flips + 1)``.
+        flipout_noise: FlipOut's gradient-noise scale lambda (0 turns the noise off).
+        monitor: Metric recorded at the end of each round of an iterative schedule (the
+            accuracy column of the rounds table); skipped when the run does not log it.
 
     Raises:
         ValueError: An argument out of range or an unknown name.
@@ -95,7 +126,11 @@ class PruneCallback(Callback):
         exclude: str | Sequence[str] | None = None,
         rate: float | None = None,
         overrides: dict[str, float] | None = None,
+        rates: dict[str, float] | None = None,
         seed: int = 0,
+        flipout_p: float = 2.0,
+        flipout_noise: float = 1.0,
+        monitor: str | None = "val/acc",
     ) -> None:
         nm = parse_nm(structure)
         if structure not in ("unstructured", "channel") and nm is None:
@@ -132,6 +167,31 @@ class PruneCallback(Callback):
                 )
         if overrides and nm is not None:
             raise ValueError("`overrides` cannot change the sparsity of an N:M structure")
+        if rates and schedule != "iterative":
+            raise ValueError(f"`rates` applies only to schedule='iterative', got {schedule!r}")
+        for pattern, value in (rates or {}).items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"`rates` must be in (0, 1), got {pattern!r}: {value}")
+        if criterion == "flipout":
+            if schedule == "constant":
+                raise ValueError(
+                    "`criterion`='flipout' cannot follow schedule='constant', which never "
+                    "scores weights; use 'iterative' (the paper's), 'oneshot', 'linear' or 'cubic'"
+                )
+            if structure == "channel":
+                raise ValueError(
+                    "`criterion`='flipout' scores single weights; it cannot drive "
+                    "structure='channel' (use 'unstructured' or 'N:M')"
+                )
+            if flipout_p <= 0:
+                raise ValueError(f"`flipout_p` must be > 0, got {flipout_p}")
+            if flipout_noise < 0:
+                raise ValueError(f"`flipout_noise` must be >= 0, got {flipout_noise}")
+        elif (flipout_p, flipout_noise) != (2.0, 1.0):
+            raise ValueError(
+                f"`flipout_p`/`flipout_noise` apply only to criterion='flipout', got "
+                f"criterion={criterion!r}"
+            )
         self.start = parse_step(start, "start")
         self.end = parse_step(end, "end")
         self.every = parse_step(every, "every")
@@ -148,7 +208,14 @@ class PruneCallback(Callback):
         self.exclude = exclude
         self.rate = rate
         self.overrides = dict(overrides or {})
+        self.rates = dict(rates or {})
         self.seed = seed
+        self.flipout_p = flipout_p
+        self.flipout_noise = flipout_noise
+        self.monitor = monitor
+        self.flips: FlipCounter | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self._listeners: list[PruneListener] = []
         self.targets: list[str] = []
         self.plan: PrunePlan | None = None
         self.masks: HardMasks | None = None
@@ -169,6 +236,11 @@ class PruneCallback(Callback):
             exclude=self.exclude,
         )
 
+    def add_listener(self, listener: PruneListener) -> None:
+        """Registers a callback to be told about this callback's pruning events."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
     # -- hooks -----------------------------------------------------------------------------------
 
     @override
@@ -185,6 +257,8 @@ class PruneCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._make_plan(trainer)
         self._restore_masks(trainer)
+        for listener in self._listeners:
+            listener.on_prune_ready(trainer, pl_module, self)
 
     @override
     def on_train_batch_start(
@@ -198,12 +272,18 @@ class PruneCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.masks:
+        if self.flips is not None:
+            # FlipOut masks the gradients and adds its noise in one pass per tensor.
+            self.flips.add_noise(trainer.global_step, self.masks.scales if self.masks else None)
+            self._grads_masked = True
+        elif self.masks:
             self.masks.apply_to_grads()
             self._grads_masked = True
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule == "iterative" and self.masks is not None:
+            self._end_round(trainer, trainer.global_step)
         self._log_table(trainer)
 
     @override
@@ -215,7 +295,15 @@ class PruneCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict() if self.masks else {"packed": {}, "shapes": {}}
-        return {"version": 1, "masks": masks, "last_event": self._last_event}
+        state: dict[str, Any] = {
+            "version": 1,
+            "masks": masks,
+            "last_event": self._last_event,
+            "rounds": [dict(r) for r in self.rounds],
+        }
+        if self.flips is not None:
+            state["flips"] = self.flips.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,6 +318,8 @@ class PruneCallback(Callback):
         self._grads_masked = False
         if self.masks and not safe:
             self.masks.apply_to_weights()
+        if self.flips is not None:
+            self.flips.after_step()
 
     def resolve(self, pl_module: pl.LightningModule) -> list[str]:
         """The qualified names of the weights this callback targets in ``pl_module``."""
@@ -237,7 +327,13 @@ class PruneCallback(Callback):
 
     def _resolve_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.targets = self.resolve(pl_module)
-        match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
+        valued = match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
+        rated = match_overrides(self.targets, self.rates, "rates", "PruneCallback")
+        both = sorted(set(rated) & set(valued))
+        if both:
+            raise ValueError(
+                f"PruneCallback: {both} match both `overrides` and `rates`; give each layer one"
+            )
         for other in trainer.callbacks:
             if isinstance(other, PruneCallback) and other is not self:
                 shared = sorted(set(self.targets) & set(other.resolve(pl_module)))
@@ -257,6 +353,10 @@ class PruneCallback(Callback):
                         f"not divisible by M={nm[1]}; exclude it or pick another M"
                     )
         self.masks = HardMasks({name: params[name] for name in self.targets})
+        if self.criterion == "flipout":
+            self.flips = FlipCounter(
+                {name: params[name] for name in self.targets}, self.flipout_noise, self.seed
+            )
 
     def _make_plan(self, trainer: pl.Trainer) -> None:
         spe = steps_per_epoch(trainer)
@@ -269,22 +369,34 @@ class PruneCallback(Callback):
             raise ValueError(
                 f"`end`={self.end} ({end} steps) is before `start`={self.start} ({start} steps)"
             )
+        if self.criterion == "flipout" and start == 0:
+            raise ValueError(
+                f"`criterion`='flipout' needs optimizer steps to count sign flips before the first "
+                f"pruning event, got `start`={self.start}; start at '1ep' or later"
+            )
         layer_values = match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
+        layer_rates = match_overrides(self.targets, self.rates, "rates", "PruneCallback")
+        main = Schedule(self.schedule, self.sparsity, start, max(end, start), every, rate=self.rate)
+        rounds = len(main.events())
         schedules: dict[str, Schedule] = {}
-        cache: dict[float, Schedule] = {}
+        cache: dict[tuple[float, float | None], Schedule] = {}
         for name in self.targets:
-            final = layer_values.get(name, self.sparsity)
-            if final not in cache:
-                cache[final] = Schedule(
+            final, rate = layer_values.get(name, self.sparsity), self.rate
+            if name in layer_rates:
+                # The same number of rounds as the rest, at this layer's own rate.
+                rate = layer_rates[name]
+                final = 1.0 - (1.0 - rate) ** rounds
+            if (final, rate) not in cache:
+                cache[final, rate] = Schedule(
                     kind=self.schedule,
                     final=final,
                     start=start,
                     end=max(end, start),
                     every=every,
-                    rate=self.rate,
+                    rate=rate,
                 )
-            schedules[name] = cache[final]
-        pooled = [n for n in self.targets if n not in layer_values]
+            schedules[name] = cache[final, rate]
+        pooled = [n for n in self.targets if n not in layer_values and n not in layer_rates]
         groups = [pooled] if self.scope == "global" and pooled else []
         self.plan = PrunePlan(
             schedules, groups, structure=self.structure, criterion=self.criterion, seed=self.seed
@@ -312,23 +424,72 @@ class PruneCallback(Callback):
                 )
             self.masks.set(masks)
             self._last_event = int(self._loaded.get("last_event", -1))
+            self.rounds = [dict(r) for r in self._loaded.get("rounds", [])]
+            if self.flips is not None and "flips" in self._loaded:
+                self.flips.load_state_dict(self._loaded["flips"])
             self._loaded = None
         elif self.schedule == "constant":
             # Hold the zeros the weights already have (e.g. fine-tuning a pruned checkpoint).
             self.masks.set({n: p.detach() != 0 for n, p in self.masks.params.items()})
         self.masks.apply_to_optimizer_state(trainer.optimizers)
+        if self.flips is not None:
+            self.flips.sync()
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         assert self.plan is not None and self.masks is not None
+        if self.schedule == "iterative":
+            self._end_round(trainer, step)
+        for listener in self._listeners:
+            listener.before_prune(trainer, pl_module, self, step)
         weights = {n: p.detach() for n, p in self.masks.params.items()}
         current = {n: self.masks.keep_mask(n) for n in self.targets}
-        new = self.plan.masks(step, weights, current)
+        state = None
+        if self.flips is not None:
+            state = {n: {"flips": f, "p": self.flipout_p} for n, f in self.flips.flips.items()}
+        new = self.plan.masks(step, weights, current, state)
         # Rank 0 decides; every rank applies the same masks.
         new = trainer.strategy.broadcast({n: m.cpu() for n, m in new.items()}, src=0)
         self.masks.set(new)
         self.masks.apply_to_optimizer_state(trainer.optimizers)
+        if self.flips is not None:
+            self.flips.reset(self.masks.keep_masks())
         self._last_event = step
         self._log_event(trainer, step)
+        for listener in self._listeners:
+            listener.after_prune(trainer, pl_module, self, step)
+        if self.flips is not None:
+            self.flips.sync()  # pruning and rewinding moved weights outside a step
+
+    def _end_round(self, trainer: pl.Trainer, step: int) -> None:
+        """Records the round that ends at ``step``: its sparsity and the monitored metric."""
+        if self.rounds and self.rounds[-1]["step"] >= step:
+            return  # already recorded (a resumed run re-entering the same step)
+        rows = self.layer_stats()
+        total = sum(r["numel"] for r in rows)
+        kept = sum(r["nonzero"] for r in rows)
+        record: dict[str, Any] = {
+            "round": len(self.rounds),
+            "step": step,
+            "sparsity": 1.0 - kept / total,
+            "remaining": kept / total,
+        }
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        if value is not None:
+            record[self.monitor] = float(value)
+        self.rounds.append(record)
+        metrics = {"prune/round": float(record["round"])}
+        metrics["prune/round/sparsity"] = record["sparsity"]
+        if value is not None:
+            metrics[f"prune/round/{self.monitor}"] = record[self.monitor]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        rank_zero_only(log.info)(
+            "PruneCallback: round %d ended at step %d: sparsity %.4f%s",
+            record["round"],
+            step,
+            record["sparsity"],
+            f", {self.monitor} {record[self.monitor]:.4f}" if value is not None else "",
+        )
 
     def layer_stats(self) -> list[dict[str, Any]]:
         assert self.masks is not None
@@ -377,3 +538,22 @@ class PruneCallback(Callback):
                     columns=["layer", "shape", "nonzero", "sparsity"],
                     data=[[r["layer"], str(r["shape"]), r["nonzero"], r["sparsity"]] for r in rows],
                 )
+                measured = [r for r in self.rounds if self.monitor in r]
+                if measured:
+                    self._log_rounds_plot(logger, measured)
+
+    def _log_rounds_plot(self, logger: Any, rounds: list[dict[str, Any]]) -> None:
+        import wandb
+
+        assert self.monitor is not None
+        table = wandb.Table(
+            columns=["round", "remaining", "sparsity", self.monitor],
+            data=[[r["round"], r["remaining"], r["sparsity"], r[self.monitor]] for r in rounds],
+        )
+        title = f"{self.monitor} against weights remaining"
+        logger.experiment.log(
+            {
+                "prune/rounds": table,
+                "prune/rounds_plot": wandb.plot.line(table, "remaining", self.monitor, title=title),
+            }
+        )

@@ -6,11 +6,14 @@ from lightning_compress.ops._library import (
     fallback_reason,
 )
 from lightning_compress.ops.bitmask import pack_bits, unpack_bits
+from lightning_compress.ops.flips import flip_count_, masked_noise_
 
 __all__ = [
     "CompiledOpsUnavailableWarning",
     "compiled_available",
     "fallback_reason",
+    "flip_count_",
+    "masked_noise_",
     "pack_bits",
     "unpack_bits",
 ]

@@ -7,6 +7,7 @@ from lightning_compress.pruning.criteria import (
     get_criterion,
     register_criterion,
 )
+from lightning_compress.pruning.flipout import FlipCounter, flipout
 from lightning_compress.pruning.masks import (
     channel_masks,
     count_zeros,
@@ -23,10 +24,12 @@ __all__ = [
     "SCHEDULES",
     "Criterion",
     "CriterionContext",
+    "FlipCounter",
     "Schedule",
     "Step",
     "channel_masks",
     "count_zeros",
+    "flipout",
     "get_criterion",
     "nm_masks",
     "parse_nm",

@@ -47,6 +47,11 @@ class HardMasks:
     def __len__(self) -> int:
         return len(self._scale)
 
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        """The masks as 0/1 tensors in each parameter's dtype (read-only use)."""
+        return self._scale
+
     def keep_mask(self, name: str) -> torch.Tensor:
         """The keep-mask (True = kept) of a parameter; all True if none was set."""
         if name in self._scale:

@@ -37,13 +37,20 @@ class PrunePlan:
     def __post_init__(self) -> None:
         self._nm = parse_nm(self.structure)
         self._criterion = get_criterion(self.criterion)
+        # Every schedule has finitely many events, fixed at construction: look them up in O(1).
+        self._event_steps = frozenset(e for s in self.schedules.values() for e in s.events())
 
     @property
     def names(self) -> list[str]:
         return list(self.schedules)
 
     def is_event(self, step: int) -> bool:
-        return any(s.is_event(step) for s in self.schedules.values())
+        return step in self._event_steps
+
+    def first_event(self) -> int | None:
+        """The first step at which masks change, if any."""
+        firsts = [s.events()[0] for s in self.schedules.values() if s.events()]
+        return min(firsts) if firsts else None
 
     def last_event(self) -> int | None:
         """The last step at which masks change, if the schedule has an end."""

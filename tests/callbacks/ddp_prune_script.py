@@ -8,17 +8,30 @@ import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_compress import PruneCallback
+from lightning_compress import PruneCallback, RewindCallback
 from tests.helpers import TinyMLP, digest, make_trainer
 
 
 def main(out_dir: Path, criterion: str) -> None:
     pl.seed_everything(0)
-    prune = PruneCallback(
-        sparsity=0.8, schedule="cubic", start=0, end="2ep", every="2it", criterion=criterion
-    )
+    if criterion == "flipout":
+        # Iterative FlipOut with learning-rate rewinding: flips, noise and rewinds on every rank.
+        prune = PruneCallback(
+            sparsity=0.75,
+            schedule="iterative",
+            rate=0.5,
+            start="1ep",
+            every="1ep",
+            criterion=criterion,
+        )
+        callbacks = [prune, RewindCallback(to="2it", mode="lr")]
+    else:
+        prune = PruneCallback(
+            sparsity=0.8, schedule="cubic", start=0, end="2ep", every="2it", criterion=criterion
+        )
+        callbacks = [prune]
     trainer = make_trainer(
-        out_dir, [prune], max_epochs=3, strategy="ddp", devices=2, accelerator="cpu"
+        out_dir, callbacks, max_epochs=3, strategy="ddp", devices=2, accelerator="cpu"
     )
     model = TinyMLP()
     trainer.fit(model)
@@ -27,6 +40,8 @@ def main(out_dir: Path, criterion: str) -> None:
         "world_size": trainer.world_size,
         "masks": digest(prune.masks.keep_masks()),
         "weights": digest(dict(model.named_parameters())),
+        "flips": digest(prune.flips.flips) if prune.flips is not None else None,
+        "flip_total": int(sum(f.sum() for f in prune.flips.flips.values())) if prune.flips else 0,
         "events": [e["step"] for e in prune._history],
         "sparsity": prune._history[-1]["prune/sparsity"],
         "global_step": trainer.global_step,

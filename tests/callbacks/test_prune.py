@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import CSVLogger
 from lightning_compress import PruneCallback
 from lightning_compress.pruning.criteria import CRITERIA, register_criterion
 
-from ..helpers import TinyMLP, TinyTransformer, digest, make_trainer
+from ..helpers import TinyMLP, TinyTransformer, digest, make_trainer, offline_wandb
 
 WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]
 
@@ -409,18 +409,8 @@ def test_logs_sparsity_through_the_trainer_logger(tmp_path, caplog):
 
 def test_wandb_gets_a_per_layer_sparsity_table(tmp_path, monkeypatch):
     import wandb
-    from pytorch_lightning.loggers import WandbLogger
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = WandbLogger(project="lc-test", save_dir=str(tmp_path), offline=True)
-    logged = []
-    real_log = logger.experiment.log
-    monkeypatch.setattr(
-        logger.experiment,
-        "log",
-        lambda data, *a, **k: (logged.append(data), real_log(data, *a, **k)),
-    )
+    logger, logged = offline_wandb(tmp_path, monkeypatch)
     prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep")
     model, _ = fit(tmp_path, [prune], max_epochs=2, logger=logger)
     logger.experiment.finish()

@@ -26,3 +26,19 @@ def test_masks_identical_across_two_cpu_processes(tmp_path, criterion):
     assert records[0]["events"][-1] == 8
     assert records[0]["global_step"] == 12
     assert abs(records[0]["sparsity"] - 0.8) < 1e-3
+
+
+def test_flipout_counts_and_masks_identical_across_two_cpu_processes(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "flipout"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert records[0]["flips"] == records[1]["flips"]
+    assert records[0]["masks"] == records[1]["masks"]
+    assert records[0]["weights"] == records[1]["weights"]  # same noise, same rewinds
+    assert records[0]["events"] == [4, 8]
+    assert abs(records[0]["sparsity"] - 0.75) < 1e-3
