@@ -340,6 +340,22 @@ def test_validate_test_predict_with_the_callback(tmp_path):
     assert zeros == {n: int((p == 0).sum()) for n, p in model.named_parameters()}
 
 
+def test_explicit_parameter_list_prunes_exactly_those(tmp_path):
+    """ModelPruning's `parameters_to_prune`: only the named weights change."""
+    pl.seed_everything(0)
+    model = TinyMLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prune = PruneCallback(
+        sparsity=0.5, schedule="oneshot", start=0, include=["fc1.weight", "fc3.weight"]
+    )
+    fit(tmp_path, [prune], model=model, max_epochs=1)
+    assert prune.targets == ["fc1.weight", "fc3.weight"]
+    assert int((model.fc1.weight == 0).sum()) + int((model.fc3.weight == 0).sum()) == 544
+    assert torch.count_nonzero(model.fc2.weight) == model.fc2.weight.numel()
+    assert all(torch.count_nonzero(model.get_parameter(f"{n}.bias")) > 0 for n in ("fc1", "fc3"))
+    assert not torch.equal(before["fc2.weight"], model.fc2.weight)  # trained, not pruned
+
+
 def test_two_callbacks_on_disjoint_layers(tmp_path):
     a = PruneCallback(sparsity=0.5, include=["fc1"], schedule="oneshot", start="1ep")
     b = PruneCallback(

@@ -1,0 +1,28 @@
+"""The example scripts run end to end (in their --fast mode), so they cannot rot."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("prune_existing_trainer.py", [], "% of weights zero"),
+        ("lottery_ticket.py", ["--rounds", "2"], "weights: test accuracy"),
+        ("lottery_ticket.py", ["--rounds", "2", "--mode", "reinit"], "reinit: test accuracy"),
+    ],
+)
+def test_example_runs(script, args, expect):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--fast", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout
