@@ -1,13 +1,14 @@
 """Epoch time with PruneCallback (cubic schedule, masks enforced every step) over plain training.
 
-With ``--criterion flipout`` the callback is FlipOut instead: an iterative schedule halving the
-survivors every epoch, sign flips counted and gradient noise added at every optimizer step.
+With ``--callback flipout`` the callback is FlipOut instead: an iterative schedule halving the
+survivors every epoch, sign flips counted and gradient noise added at every optimizer step. With
+``--callback qat`` it is QATCallback (int8 weights per channel, int8 activations).
 
 Plain and pruned runs alternate in one process so both see the same machine load; each run
 trains a few epochs and the first (warm-up) epoch is dropped. The ratio of medians is reported
 for LeNet-300-100 and a wide MLP (784-4096-4096-10) on the mnist5k training split.
 
-    python benchmarks/prune_overhead.py [--reps 5] [--criterion magnitude|flipout] [--out ...]
+    python benchmarks/prune_overhead.py [--reps 5] [--callback magnitude|flipout|qat] [--out ...]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lightning_compress import PruneCallback
+from lightning_compress import PruneCallback, QATCallback
 from lightning_compress.zoo import ClassificationModule, LeNet300100, MNIST5k
 
 
@@ -48,7 +49,9 @@ def make_module(width: int | None) -> ClassificationModule:
     return ClassificationModule(net, optimizer=opt)
 
 
-def make_callback(criterion: str, epochs: int, every: str) -> PruneCallback:
+def make_callback(criterion: str, epochs: int, every: str) -> pl.Callback:
+    if criterion == "qat":
+        return QATCallback(bits=8, activations=8)
     if criterion == "flipout":
         return PruneCallback(
             sparsity=1 - 0.5 ** (epochs - 1),
@@ -94,12 +97,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--every", default="1ep", help="steps between mask updates")
-    parser.add_argument("--criterion", choices=["magnitude", "flipout"], default="magnitude")
+    parser.add_argument(
+        "--callback",
+        "--criterion",
+        dest="criterion",
+        default="magnitude",
+        choices=["magnitude", "flipout", "qat"],
+    )
     parser.add_argument("--models", default="lenet300,wide4096", help="comma-separated cases")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.out is None:
-        stem = "prune_overhead" if args.criterion == "magnitude" else "flipout_overhead"
+        stem = {"magnitude": "prune", "flipout": "flipout", "qat": "qat"}[args.criterion]
+        stem += "_overhead"
         args.out = Path(f"benchmarks/results/{stem}.json")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_compress").setLevel(logging.WARNING)

@@ -1,7 +1,7 @@
 """lightning-compress: model compression as PyTorch Lightning callbacks."""
 
-from lightning_compress.callbacks import PruneCallback, RewindCallback
+from lightning_compress.callbacks import PruneCallback, QATCallback, RewindCallback
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PruneCallback", "RewindCallback"]
+__all__ = ["PruneCallback", "QATCallback", "RewindCallback"]

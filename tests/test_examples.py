@@ -15,6 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("prune_existing_trainer.py", [], "% of weights zero"),
         ("lottery_ticket.py", ["--rounds", "2"], "weights: test accuracy"),
         ("lottery_ticket.py", ["--rounds", "2", "--mode", "reinit"], "reinit: test accuracy"),
+        ("prune_and_quantize.py", [], "pruned + int8: test accuracy"),
     ],
 )
 def test_example_runs(script, args, expect):

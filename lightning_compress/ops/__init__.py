@@ -6,11 +6,13 @@ from lightning_compress.ops._library import (
     fallback_reason,
 )
 from lightning_compress.ops.bitmask import pack_bits, unpack_bits
+from lightning_compress.ops.fake_quant import fake_quant_rows
 from lightning_compress.ops.flips import flip_count_, masked_noise_
 
 __all__ = [
     "CompiledOpsUnavailableWarning",
     "compiled_available",
+    "fake_quant_rows",
     "fallback_reason",
     "flip_count_",
     "masked_noise_",

@@ -1,4 +1,4 @@
-"""Run by test_prune_ddp.py: 2-process DDP on the CPU (gloo); each rank writes its mask digest."""
+"""Run by test_prune_ddp.py: 2-process DDP on the CPU (gloo); each rank writes its state digests."""
 
 import json
 import sys
@@ -8,13 +8,21 @@ import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_compress import PruneCallback, RewindCallback
+import torch
+
+from lightning_compress import PruneCallback, QATCallback, RewindCallback
 from tests.helpers import TinyMLP, digest, make_trainer
 
 
 def main(out_dir: Path, criterion: str) -> None:
     pl.seed_everything(0)
-    if criterion == "flipout":
+    qat = None
+    if criterion == "qat":
+        # Pruning and QAT together: observers see each rank's own batches and must still agree.
+        prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep")
+        qat = QATCallback(bits=4, activations=8)
+        callbacks = [qat, prune]
+    elif criterion == "flipout":
         # Iterative FlipOut with learning-rate rewinding: flips, noise and rewinds on every rank.
         prune = PruneCallback(
             sparsity=0.75,
@@ -45,6 +53,15 @@ def main(out_dir: Path, criterion: str) -> None:
         "events": [e["step"] for e in prune._history],
         "sparsity": prune._history[-1]["prune/sparsity"],
         "global_step": trainer.global_step,
+        "observers": digest(
+            {
+                f"{n}.{k}": torch.as_tensor(o.state_dict()[k])
+                for n, o in qat.layers.observers.items()
+                for k in ("min", "max")
+            }
+        )
+        if qat
+        else None,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -1,0 +1,386 @@
+"""QATCallback: quantization-aware training on the trainer's clock, composing with pruning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.callbacks.prune import convert_step, steps_per_epoch
+from lightning_compress.pruning.steps import Step, parse_step
+from lightning_compress.quantization.fake import (
+    lsq_init_step,
+    pack_int4,
+    quantize_weight,
+    weight_qmax,
+    weight_scale,
+)
+from lightning_compress.quantization.layers import (
+    BN_TYPES,
+    FakeQuantLayers,
+    conv_bn_pairs,
+    fold_scale,
+)
+from lightning_compress.targets import match_overrides, resolve_weights
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ste", "lsq")
+
+
+class QATCallback(Callback):
+    """Fake-quantizes weights (and activations) while training; converts to integers at the end.
+
+    Weights are quantized per output channel, symmetrically with zero-point 0, so weights a
+    PruneCallback zeroed quantize to exactly 0 in either callback order, and scales come from
+    the surviving weights. Activations (layer outputs) are quantized per tensor to 8 bits with
+    moving-average min/max observers. Parameter names and the model's ``forward`` are untouched:
+    the quantization lives in forward hooks that this callback installs and removes.
+
+    Args:
+        bits: Weight bits, 2 to 8.
+        start: Step from which quantization is on (``"Nep"``, ``"Nit"`` or an int).
+        activations: Activation bits (8) or None/0 for float activations.
+        method: ``"ste"``: scales from the weights' range, straight-through estimator;
+            ``"lsq"``: learned per-channel step sizes (Esser et al. 2020), initialised at
+            2 mean|w| / sqrt(Qp), their gradient scaled by 1 / sqrt(N Qp), trained by the
+            callback's own Adam (``lsq_lr``) so the model's optimizer is untouched.
+        freeze_observers: Step after which activation ranges stop updating (None: never).
+        freeze_bn: Step after which BatchNorm running statistics stop updating (None: never).
+        fold_bn: Fold each Conv's following BatchNorm into the quantized weight (Jacob et al.
+            2018). None: fold the pairs that exist; True: there must be at least one pair.
+        include: Module or parameter name patterns (default: every Linear/Conv/attention weight).
+        exclude: Patterns removed from the targets.
+        overrides: Weight bits per name pattern, e.g. ``{"fc3": 8}``.
+        lsq_lr: Learning rate of the step sizes (``method="lsq"``).
+
+    Raises:
+        ValueError: An argument out of range or an unknown name.
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        start: str | int = "0ep",
+        activations: int | None = 8,
+        method: str = "ste",
+        freeze_observers: str | int | None = None,
+        freeze_bn: str | int | None = None,
+        fold_bn: bool | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        overrides: dict[str, int] | None = None,
+        lsq_lr: float = 1e-3,
+    ) -> None:
+        for where, value in [
+            ("bits", bits),
+            *((f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()),
+        ]:
+            if not isinstance(value, int) or not 2 <= value <= 8:
+                raise ValueError(f"`{where}` must be an integer in [2, 8], got {value!r}")
+        if activations not in (None, 0, 8):
+            raise ValueError(f"`activations` must be 8 or None (float), got {activations!r}")
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        self.bits = bits
+        self.start = parse_step(start, "start")
+        self.activations = activations or None
+        self.method = method
+        self.freeze_observers = (
+            None if freeze_observers is None else parse_step(freeze_observers, "freeze_observers")
+        )
+        self.freeze_bn = None if freeze_bn is None else parse_step(freeze_bn, "freeze_bn")
+        for arg, step in (
+            ("freeze_observers", self.freeze_observers),
+            ("freeze_bn", self.freeze_bn),
+        ):
+            if step is not None and step.unit == self.start.unit and step.value < self.start.value:
+                raise ValueError(f"`{arg}`={step} is before `start`={self.start}")
+        self.fold_bn = fold_bn
+        self.include = include
+        self.exclude = exclude
+        self.overrides = dict(overrides or {})
+        if lsq_lr <= 0:
+            raise ValueError(f"`lsq_lr` must be > 0, got {lsq_lr}")
+        self.lsq_lr = lsq_lr
+        self._step_optimizer: torch.optim.Optimizer | None = None
+        self._hook_handles: list[Any] = []
+        self.targets: dict[str, int] = {}
+        self.layers: FakeQuantLayers | None = None
+        self.quantized: dict[str, dict[str, Any]] = {}
+        self._steps: dict[str, int | None] = {}
+        self._loaded: dict[str, Any] | None = None
+        self._bns: list[nn.Module] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bits=self.bits, include=self.include, exclude=self.exclude)
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._install(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.method == "lsq":
+            for optimizer in trainer.optimizers:
+                self._hook_handles.append(
+                    optimizer.register_step_post_hook(lambda *_: self._step_sizes(trainer))
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        spe = steps_per_epoch(trainer)
+        self._steps = {
+            "start": convert_step(self.start, spe, "start"),
+            "freeze_observers": self._convert(self.freeze_observers, spe, "freeze_observers"),
+            "freeze_bn": self._convert(self.freeze_bn, spe, "freeze_bn"),
+        }
+        self._restore()
+        self._phase(trainer.global_step, training=True)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._phase(trainer.global_step, training=True)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._sync_observers(trainer)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_phase()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+        self._eval_phase()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+        self._eval_phase()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_stats(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layers is not None and self.layers.enabled:
+            self.quantized = self.convert()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.layers is not None:
+            self.layers.remove()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        layers = self.layers
+        state: dict[str, Any] = {
+            "version": 1,
+            "enabled": bool(layers.enabled) if layers else False,
+            "observers": {n: o.state_dict() for n, o in layers.observers.items()} if layers else {},
+        }
+        if layers is not None and layers.steps:
+            state["steps"] = {n: s.detach().cpu().clone() for n, s in layers.steps.items()}
+            assert self._step_optimizer is not None
+            state["step_optimizer"] = self._step_optimizer.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    # -- work --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _convert(step: Step | None, spe: int, arg: str) -> int | None:
+        return None if step is None else convert_step(step, spe, arg)
+
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        names = resolve_weights(pl_module, self.include, self.exclude, owner="QATCallback")
+        per_layer = match_overrides(names, self.overrides, "overrides", "QATCallback")
+        self.targets = {n: int(per_layer.get(n, self.bits)) for n in names}
+        pairs = conv_bn_pairs(pl_module)
+        if self.fold_bn and not pairs:
+            raise ValueError(
+                "QATCallback: `fold_bn`=True but the model has no Conv followed by a BatchNorm "
+                "with matching channels; set fold_bn=None (fold where possible) or False"
+            )
+        folds = {}
+        if self.fold_bn is not False:
+            folds = {c: b for c, b in pairs.items() if f"{c}.weight" in self.targets}
+        modules = dict(pl_module.named_modules())
+        self._bns = [m for m in modules.values() if isinstance(m, BN_TYPES)]
+        if any(isinstance(m, nn.MultiheadAttention) for m in modules.values()):
+            # The fused attention fast path reads the weights without calling the module, so
+            # its hooks (and the quantization) would be skipped in eval; keep the reference path.
+            torch.backends.mha.set_fastpath_enabled(False)
+        if self.layers is not None:
+            self.layers.remove()
+        self.layers = FakeQuantLayers(pl_module, self.targets, folds, self.activations)
+        self.layers.install()
+
+    def _restore(self) -> None:
+        if self._loaded is None or self.layers is None:
+            return
+        state, self._loaded = self._loaded, None
+        unknown = sorted(set(state.get("observers", {})) - set(self.layers.observers))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint holds QATCallback observers for {unknown}, which this callback "
+                f"does not quantize (layers: {sorted(self.layers.observers)})"
+            )
+        for name, observer_state in state.get("observers", {}).items():
+            self.layers.observers[name].load_state_dict(observer_state)
+        self.layers.enabled = bool(state.get("enabled", False))
+        if "steps" in state:
+            params = dict(self.layers.model.named_parameters())
+            self._init_steps(
+                {n: s.to(params[n].device) for n, s in state["steps"].items() if n in params}
+            )
+            assert self._step_optimizer is not None
+            self._step_optimizer.load_state_dict(state["step_optimizer"])
+
+    def _phase(self, step: int, training: bool) -> None:
+        assert self.layers is not None
+        self.layers.enabled = step >= self._steps["start"]
+        if self.layers.enabled and self.method == "lsq" and not self.layers.steps:
+            with torch.no_grad():
+                self._init_steps(
+                    {
+                        name: lsq_init_step(self.layers.folded_weight(*_split(name))[0], bits)
+                        for name, bits in self.targets.items()
+                    }
+                )
+        frozen = self._steps.get("freeze_observers")
+        self.layers.observing = self.layers.enabled and (frozen is None or step < frozen)
+        freeze_bn = self._steps.get("freeze_bn")
+        if training and freeze_bn is not None and step >= freeze_bn:
+            for bn in self._bns:
+                bn.eval()  # Lightning sets train() each epoch; statistics stay frozen
+
+    def _init_steps(self, steps: dict[str, torch.Tensor]) -> None:
+        assert self.layers is not None
+        self.layers.steps = {n: s.detach().clone().requires_grad_(True) for n, s in steps.items()}
+        self._step_optimizer = torch.optim.Adam(list(self.layers.steps.values()), lr=self.lsq_lr)
+
+    def _step_sizes(self, trainer: pl.Trainer) -> None:
+        """One Adam step on the learned step sizes, after each step of the model's optimizer."""
+        if self.layers is None or not self.layers.steps or self._step_optimizer is None:
+            return
+        steps = list(self.layers.steps.values())
+        if trainer.world_size > 1:
+            for step in steps:
+                if step.grad is not None:
+                    step.grad.copy_(trainer.strategy.reduce(step.grad, reduce_op="mean"))
+        self._step_optimizer.step()
+        self._step_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for step in steps:
+                step.clamp_(min=1e-8)
+
+    def _eval_phase(self) -> None:
+        if self.layers is not None:
+            self.layers.observing = False
+
+    def _sync_observers(self, trainer: pl.Trainer) -> None:
+        """Every rank folds the same (all-reduced) batch range into its observers."""
+        layers = self.layers
+        if layers is None or not layers.batch_ranges:
+            return
+        names = sorted(layers.batch_ranges)
+        ranges = torch.stack([layers.batch_ranges[n] for n in names])
+        ranges = (
+            trainer.strategy.reduce(ranges, reduce_op="max") if trainer.world_size > 1 else ranges
+        )
+        ranges = ranges.cpu()
+        for name, (neg_lo, hi) in zip(names, ranges.tolist(), strict=True):
+            layers.observers[name].observe(-neg_lo, hi)
+        layers.batch_ranges.clear()
+
+    def convert(self) -> dict[str, dict[str, Any]]:
+        """True integer weights of the quantized layers, as the fake-quantized model uses them.
+
+        Returns:
+            Per weight name: ``q`` (int8, or int4 packed two per byte in ``packed``), ``scale``
+            (float32 per output channel), ``bits``, ``shape`` and, for a weight folded with its
+            BatchNorm, ``fold`` (the per-channel factor: the layer's weight is q * scale / fold).
+        """
+        assert self.layers is not None
+        out = {}
+        modules = dict(self.layers.model.named_modules())
+        for name, bits in self.targets.items():
+            owner, _, leaf = name.rpartition(".")
+            weight = modules[owner]._parameters[leaf].detach()
+            entry: dict[str, Any] = {"bits": bits, "shape": list(weight.shape)}
+            if owner in self.layers.bns and leaf == "weight":
+                fold = fold_scale(self.layers.bns[owner]).view(-1, *([1] * (weight.dim() - 1)))
+                weight = weight * fold
+                entry["fold"] = fold.reshape(-1).float().cpu()
+            q, scale = quantize_weight(weight, bits, self.layers.steps.get(name))
+            entry["scale"] = scale.cpu()
+            if bits <= 4:
+                entry["packed"] = pack_int4(q.cpu())
+            else:
+                entry["q"] = q.cpu()
+            out[name] = entry
+        return out
+
+    def _log_stats(self, trainer: pl.Trainer) -> None:
+        if self.layers is None or not self.layers.enabled:
+            return
+        metrics: dict[str, float] = {}
+        with torch.no_grad():
+            for name, bits in self.targets.items():
+                weight, _ = self.layers.folded_weight(*_split(name))
+                step = self.layers.steps.get(name)
+                scale = weight_scale(weight, bits) if step is None else step.detach()
+                limit = weight_qmax(bits) * scale.view(-1, *([1] * (weight.dim() - 1)))
+                metrics[f"qat/bits/{name}"] = float(bits)
+                metrics[f"qat/scale_mean/{name}"] = float(scale.mean())
+                # Weights beyond the largest integer (LSQ steps can clip; range scales cannot).
+                metrics[f"qat/clipped/{name}"] = float(
+                    (weight.abs() > limit * 1.000001).float().mean()
+                )
+        for name, observer in self.layers.observers.items():
+            if observer.initialized:
+                lo, hi = float(observer.min), float(observer.max)
+                metrics[f"qat/act_range/{name or 'model'}"] = hi - lo
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_only(log.info)(
+            "QATCallback: epoch %d: %d layers at %s bits",
+            trainer.current_epoch,
+            len(self.targets),
+            sorted(set(self.targets.values())),
+        )
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, leaf = name.rpartition(".")
+    return owner, leaf

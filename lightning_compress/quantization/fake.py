@@ -1,0 +1,185 @@
+"""Fake quantization (Jacob et al. 2018) of weights and activations, and integer conversion.
+
+Weights: per-output-channel, symmetric, zero-point 0, integers in [-(2^(b-1) - 1), 2^(b-1) - 1],
+so 0 (a pruned weight) is exactly representable and quantizes to exactly 0. The scale of a
+channel is its largest surviving magnitude over the largest integer. Activations: per-tensor,
+asymmetric, 8 bits, from moving-average min/max observers whose range always contains 0.
+Gradients pass straight through the rounding (for weights, whose scales leave nothing clipped,
+the identity; for activations and learned steps, torch's fake-quantize kernels, which zero the
+gradient of clipped values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_compress.ops import fake_quant_rows
+
+EPS = 1e-12
+
+
+def weight_qmax(bits: int) -> int:
+    """The largest integer of a symmetric ``bits``-bit weight: 2^(bits-1) - 1."""
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel scale: max |w| of the channel over ``weight_qmax(bits)`` (float32)."""
+    peak = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1).float()
+    return peak.clamp_min(EPS) / weight_qmax(bits)
+
+
+class _RoundToGrid(torch.autograd.Function):
+    """Per-channel ``clamp(round(w / s), -qmax, qmax) * s`` with an identity gradient.
+
+    With scales from each channel's own maximum nothing is clipped, so the straight-through
+    gradient is exactly the identity. float32 weights take the fused compiled op (two passes);
+    others the same arithmetic in PyTorch.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, weight: torch.Tensor, bits: int, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        if scale is None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            return fake_quant_rows(weight.detach(), bits)[0]
+        scale = weight_scale(weight, bits) if scale is None else scale
+        view = scale.to(device=weight.device, dtype=weight.dtype)
+        view = view.view(-1, *([1] * (weight.dim() - 1)))
+        out = torch.div(weight.detach(), view)
+        return out.round_().clamp_(-weight_qmax(bits), weight_qmax(bits)).mul_(view)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
+def fake_quant_weight(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` per output channel; the gradient passes straight through.
+
+    Args:
+        weight: Any weight with output channels on dim 0.
+        bits: 2 to 8.
+        scale: Per-channel scales (default: :func:`weight_scale`).
+    """
+    return _RoundToGrid.apply(weight, bits, scale)
+
+
+def lsq_init_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ's initial step per output channel: 2 * mean|w| / sqrt(Qp), over surviving weights."""
+    flat = weight.detach().reshape(weight.shape[0], -1).abs().float()
+    count = (flat != 0).sum(dim=1).clamp_min(1)
+    return (2.0 * flat.sum(dim=1) / count / weight_qmax(bits) ** 0.5).clamp_min(EPS)
+
+
+def lsq_fake_quant_weight(weight: torch.Tensor, bits: int, step: torch.Tensor) -> torch.Tensor:
+    """Fake quantization with a learned per-channel step (Esser et al. 2020).
+
+    The step's gradient is scaled by 1 / sqrt(N * Qp), N the weights per channel; the weight's
+    gradient passes straight through inside the range.
+    """
+    qmax = weight_qmax(bits)
+    per_channel = weight[0].numel()
+    zero = torch.zeros_like(step)
+    out = torch._fake_quantize_learnable_per_channel_affine(
+        weight.float(), step, zero, 0, -qmax, qmax, 1.0 / (per_channel * qmax) ** 0.5
+    )
+    return out.to(weight.dtype)
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """True integers and their per-channel scales: ``weight ~= q * scale[:, None, ...]``.
+
+    Args:
+        weight: Any weight with output channels on dim 0.
+        bits: 2 to 8.
+        scale: Per-channel scales (default: :func:`weight_scale`; LSQ passes its learned step).
+
+    Returns:
+        ``(q, scale)``: int8 integers of ``weight``'s shape, float32 scales of shape [C].
+    """
+    scale = weight_scale(weight, bits) if scale is None else scale.detach().float()
+    view = scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.device)
+    qmax = weight_qmax(bits)
+    q = torch.clamp(torch.round(weight.detach().float() / view), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Packs int8 values in [-8, 7] two per byte (low nibble first) into a flat uint8 tensor."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4: `q` must be int8, got {q.dtype}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    flat = (q.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 values of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"unpack_int4: need {(n + 1) // 2} uint8 bytes for {shape}")
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int16)
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8).view(shape)
+
+
+class ActivationObserver:
+    """Moving-average min/max of a tensor stream, and 8-bit asymmetric fake quantization.
+
+    Args:
+        momentum: Weight of each new batch's min/max in the moving average.
+        bits: Activation bits (8).
+    """
+
+    def __init__(self, momentum: float = 0.01, bits: int = 8) -> None:
+        self.momentum = momentum
+        self.bits = bits
+        self.min = torch.tensor(0.0)
+        self.max = torch.tensor(0.0)
+        self.initialized = False
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Folds the range of ``x`` into the moving average."""
+        self.observe(float(x.detach().min()), float(x.detach().max()))
+
+    def observe(self, lo: float, hi: float) -> None:
+        """Folds a batch range into the moving average (the first one initialises it)."""
+        if not self.initialized:
+            self.min, self.max, self.initialized = torch.tensor(lo), torch.tensor(hi), True
+        else:
+            self.min = self.min + self.momentum * (lo - self.min)
+            self.max = self.max + self.momentum * (hi - self.max)
+
+    def qparams(self) -> tuple[float, int]:
+        """Scale and zero-point; the range is widened to contain 0 so 0 is exact."""
+        lo, hi = min(float(self.min), 0.0), max(float(self.max), 0.0)
+        levels = 2**self.bits - 1
+        scale = max((hi - lo) / levels, EPS)
+        zero_point = int(min(max(round(-lo / scale), 0), levels))
+        return scale, zero_point
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            return x
+        scale, zero_point = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2**self.bits - 1)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"min": self.min.clone(), "max": self.max.clone(), "initialized": self.initialized}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.min = torch.as_tensor(state["min"]).float().clone()
+        self.max = torch.as_tensor(state["max"]).float().clone()
+        self.initialized = bool(state["initialized"])

@@ -1,0 +1,166 @@
+"""Fake quantization installed on a model's own layers through forward hooks.
+
+The targeted parameters keep their names and the user's ``forward`` keeps its signature: a
+forward pre-hook swaps each targeted parameter for its fake-quantized value for the duration of
+the layer's call, and a forward hook (``always_call``, so an exception cannot leave it swapped)
+puts the parameter back and fake-quantizes the layer's output.
+
+Conv followed by BatchNorm (found in registration order, as ``Sequential(conv, bn)`` or
+``conv1``/``bn1`` pairs declare them) is quantized as Jacob et al. 2018 fold it: the weight that
+is quantized is ``w * gamma / sqrt(running_var + eps)``, the fold of BN into the conv, and the
+conv then uses that quantized fold divided back, so BN still normalises as in training while
+the integers are those of the folded layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.quantization.fake import (
+    ActivationObserver,
+    fake_quant_weight,
+    lsq_fake_quant_weight,
+)
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """Conv module name -> the BatchNorm registered right after it with matching channels."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, CONV_TYPES + BN_TYPES)]
+    pairs = {}
+    for (name, module), (next_name, following) in itertools.pairwise(named):
+        if (
+            isinstance(module, CONV_TYPES)
+            and isinstance(following, BN_TYPES)
+            and following.num_features == module.out_channels
+        ):
+            pairs[name] = next_name
+    return pairs
+
+
+def fold_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) per channel (detached), never exactly zero."""
+    var = bn.running_var.detach()
+    gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    tiny = torch.full_like(scale, 1e-8)
+    return torch.where(scale.abs() < 1e-8, tiny, scale)
+
+
+class FakeQuantLayers:
+    """Hooks fake-quantizing the targeted weights (and optionally outputs) of a model.
+
+    Args:
+        model: The model.
+        bits: Weight bits per targeted parameter name.
+        folds: Conv module name -> BatchNorm module name, for BN folding.
+        activations: Activation bits (8) or None for float activations.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: dict[str, int],
+        folds: dict[str, str],
+        activations: int | None,
+    ) -> None:
+        self.model = model
+        self.bits = bits
+        self.folds = folds
+        modules = dict(model.named_modules())
+        self.by_module: dict[str, list[str]] = {}
+        for name in bits:
+            owner, _, leaf = name.rpartition(".")
+            self.by_module.setdefault(owner, []).append(leaf)
+        self.modules = {m: modules[m] for m in self.by_module}
+        self.bns = {conv: modules[bn] for conv, bn in folds.items()}
+        self.observers = (
+            {m: ActivationObserver(bits=activations) for m in self.by_module} if activations else {}
+        )
+        self.steps: dict[str, torch.Tensor] = {}  # learned step sizes (method "lsq"), by weight
+        self.enabled = False  # weights (and outputs) fake-quantized
+        self.observing = False  # observers take this batch's range
+        self.batch_ranges: dict[str, torch.Tensor] = {}  # per layer: (-min, max) of the batch
+        self._saved: dict[tuple[str, str], nn.Parameter] = {}
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._restore_all()
+
+    def folded_weight(
+        self, module_name: str, leaf: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight as it is quantized (BN folded in where paired) and the fold factor."""
+        weight = self.modules[module_name]._parameters[leaf]
+        if module_name in self.bns and leaf == "weight":
+            fold = fold_scale(self.bns[module_name]).view(-1, *([1] * (weight.dim() - 1)))
+            return weight * fold, fold
+        return weight, None
+
+    def quantized_weight(self, module_name: str, leaf: str) -> torch.Tensor:
+        """The fake-quantized value of a targeted weight, as the forward uses it."""
+        name = f"{module_name}.{leaf}" if module_name else leaf
+        weight, fold = self.folded_weight(module_name, leaf)
+        step = self.steps.get(name)
+        if step is None:
+            quantized = fake_quant_weight(weight, self.bits[name])
+        else:
+            quantized = lsq_fake_quant_weight(weight, self.bits[name], step)
+        return quantized if fold is None else quantized / fold
+
+    def _pre(self, name: str):
+        def hook(module: nn.Module, args: Any) -> None:
+            if not self.enabled:
+                return
+            for leaf in self.by_module[name]:
+                self._saved[name, leaf] = module._parameters[leaf]
+                module._parameters[leaf] = self.quantized_weight(name, leaf)
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            for leaf in self.by_module[name]:
+                saved = self._saved.pop((name, leaf), None)
+                if saved is not None:
+                    module._parameters[leaf] = saved
+            observer = self.observers.get(name)
+            if observer is None or not self.enabled:
+                return None
+            first = output[0] if isinstance(output, tuple) else output
+            if not torch.is_tensor(first) or not first.is_floating_point():
+                return None
+            if self.observing and module.training:
+                # (-min, max), folded into the observer at the end of the batch, after the
+                # ranks agree on it.
+                seen = torch.stack([-first.detach().amin(), first.detach().amax()]).float()
+                if name in self.batch_ranges:
+                    seen = torch.maximum(seen, self.batch_ranges[name])
+                self.batch_ranges[name] = seen
+            quantized = observer.fake_quant(first)
+            if isinstance(output, tuple):
+                return (quantized, *output[1:])
+            return quantized
+
+        return hook
+
+    def _restore_all(self) -> None:
+        for (name, leaf), saved in self._saved.items():
+            self.modules[name]._parameters[leaf] = saved
+        self._saved.clear()

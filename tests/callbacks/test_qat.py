@@ -1,0 +1,319 @@
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lightning_compress import PruneCallback, QATCallback
+from lightning_compress.quantization import quantize_weight, unpack_int4, weight_qmax
+from lightning_compress.quantization.layers import conv_bn_pairs
+from lightning_compress.zoo import BNConvNet
+
+from ..helpers import TinyMLP, TinyTransformer, make_trainer, random_classification
+
+WEIGHTS = ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+def fit(tmp_path, callbacks, model=None, **kwargs):
+    model = model or TinyMLP()
+    trainer = make_trainer(tmp_path, callbacks, **kwargs)
+    trainer.fit(model)
+    return model, trainer
+
+
+class TinyBNConv(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = BNConvNet(input_shape=(1, 8, 8), num_classes=4, width=4)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x.view(-1, 1, 8, 4).repeat(1, 1, 1, 2)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(random_classification(), batch_size=8)
+
+
+# -- misconfiguration ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 1}, r"`bits` must be an integer in \[2, 8\], got 1"),
+        ({"bits": 9}, r"`bits` must be an integer in \[2, 8\], got 9"),
+        ({"overrides": {"fc3": 16}}, r"`overrides\['fc3'\]` must be an integer in \[2, 8\]"),
+        ({"activations": 4}, "`activations` must be 8 or None"),
+        ({"method": "sgd"}, r"`method` must be one of \(.ste., .lsq.\), got .sgd."),
+        ({"lsq_lr": 0}, "`lsq_lr` must be > 0"),
+        ({"start": "2ep", "freeze_observers": "1ep"}, "`freeze_observers`=1ep is before"),
+        ({"start": "2ep", "freeze_bn": "1ep"}, "`freeze_bn`=1ep is before"),
+    ],
+)
+def test_bad_arguments_raise_in_init(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QATCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fold_bn": True}, "no Conv followed by a BatchNorm"),
+        ({"include": ["conv9"]}, "`include` pattern 'conv9' matches no module"),
+        ({"overrides": {"head": 4}}, "`overrides` pattern 'head' matches none"),
+    ],
+)
+def test_bad_targeting_raises_before_the_first_step(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path, [QATCallback(**kwargs)], max_steps=1)
+
+
+# -- what the model computes ---------------------------------------------------------------
+
+
+def test_forward_uses_per_channel_symmetric_fake_quantized_weights(tmp_path):
+    qat = QATCallback(bits=4, activations=None)
+    model, _ = fit(tmp_path, [qat], max_epochs=1)
+    x = torch.randn(5, 32)
+    qat.layers.install()  # teardown removed the hooks; put them back to compare
+    qat.layers.enabled = True
+    fake = model(x)
+    qat.layers.remove()
+    manual = x
+    for i, name in enumerate(WEIGHTS):
+        layer = model.get_submodule(name.split(".")[0])
+        w = layer.weight.detach()
+        scale = w.abs().amax(dim=1, keepdim=True) / weight_qmax(4)
+        wq = torch.clamp(torch.round(w / scale), -7, 7) * scale
+        manual = F.linear(manual, wq, layer.bias)
+        manual = torch.relu(manual) if i < 2 else manual
+    assert torch.allclose(fake, manual, atol=1e-5)
+    assert not torch.allclose(model(x), manual, atol=1e-4)  # the plain model is back
+
+
+def test_converted_integers_reproduce_the_fake_quantized_model(tmp_path):
+    qat = QATCallback(bits=8, activations=None)
+    model, _ = fit(tmp_path, [qat], max_epochs=2)
+    assert set(qat.quantized) == set(WEIGHTS)  # converted at the end of fit
+    x = torch.randn(7, 32)
+    qat.layers.install()
+    qat.layers.enabled = True
+    fake = model(x).detach()
+    qat.layers.remove()
+    dequant = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, entry in qat.quantized.items():
+            assert entry["q"].dtype == torch.int8
+            weight = entry["q"].float() * entry["scale"][:, None]
+            step = entry["scale"][:, None]
+            original = model.get_parameter(name).detach()
+            assert torch.all((weight - original).abs() <= step / 2 + 1e-7)  # within half a step
+            dequant.get_parameter(name).copy_(weight)
+    assert torch.allclose(dequant(x), fake, atol=1e-5)
+
+
+def test_activation_observers_quantize_outputs_to_8_bits(tmp_path):
+    qat = QATCallback(bits=8, activations=8)
+    fit(tmp_path, [qat], max_epochs=2)
+    for name, observer in qat.layers.observers.items():
+        assert observer.initialized, name
+        scale, zero = observer.qparams()
+        assert observer.min <= 0 <= observer.max or scale > 0
+        assert 0 <= zero <= 255
+    out = qat.layers.observers["fc1"].fake_quant(torch.linspace(-3, 3, 1000))
+    assert len(torch.unique(out)) <= 256
+
+
+def test_names_and_forward_untouched_and_hooks_removed(tmp_path):
+    plain = TinyMLP()
+    model, _ = fit(tmp_path, [QATCallback()], max_epochs=1)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(3, 32)
+    assert torch.equal(plain(x), model(x))  # no hook left behind after fit
+
+
+def test_keyword_forward_attention_bn_and_dict_batches(tmp_path):
+    qat = QATCallback(bits=8)
+    model = TinyTransformer()
+    trainer = make_trainer(tmp_path, [qat], max_epochs=2)
+    trainer.fit(model)
+    assert "encoder.self_attn.in_proj_weight" in qat.targets
+    assert qat.layers.observers["encoder.self_attn"].initialized
+    assert torch.backends.mha.get_fastpath_enabled() is False
+    torch.backends.mha.set_fastpath_enabled(True)
+
+
+# -- with pruning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["prune-first", "qat-first"])
+def test_pruned_weights_quantize_to_exact_zero_in_either_order(tmp_path, order):
+    prune = PruneCallback(sparsity=0.75, schedule="linear", start=0, end="2ep", every="4it")
+    qat = QATCallback(bits=4, activations=8)
+    callbacks = [prune, qat] if order == "prune-first" else [qat, prune]
+    model, _ = fit(tmp_path, callbacks, max_epochs=3)
+    for name in WEIGHTS:
+        keep = prune.masks.keep_mask(name)
+        entry = qat.quantized[name]
+        q = unpack_int4(entry["packed"], tuple(entry["shape"]))
+        assert torch.all(q[~keep] == 0), name
+        survivors = model.get_parameter(name).detach().abs() * keep
+        expected = survivors.amax(dim=1).clamp_min(1e-12) / weight_qmax(4)
+        assert torch.allclose(entry["scale"], expected), name
+        fake = qat.layers.quantized_weight(name.split(".")[0], "weight")
+        assert torch.all(fake[~keep] == 0)
+
+
+# -- BatchNorm folding ---------------------------------------------------------------------------
+
+
+def test_conv_bn_pairs_are_folded_and_converted_with_their_factor(tmp_path):
+    module = TinyBNConv()
+    assert conv_bn_pairs(module) == {"net.conv1": "net.bn1", "net.conv2": "net.bn2"}
+    qat = QATCallback(bits=8, activations=None, fold_bn=True, freeze_bn="1ep")
+    trainer = make_trainer(tmp_path, [qat], max_epochs=2)
+    trainer.fit(module)
+    entry = qat.quantized["net.conv1.weight"]
+    assert "fold" in entry and entry["fold"].shape == (4,)
+    bn = module.net.bn1
+    fold = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    assert torch.allclose(entry["fold"], fold)
+    folded = module.net.conv1.weight.detach() * fold.view(-1, 1, 1, 1)
+    q, scale = quantize_weight(folded, 8)
+    assert torch.equal(entry["q"], q) and torch.allclose(entry["scale"], scale)
+
+
+def test_freeze_bn_stops_running_statistics(tmp_path):
+    class Snap(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.__dict__.setdefault("means", []).append(pl_module.net.bn1.running_mean.clone())
+
+    snap = Snap()
+    fit(tmp_path, [QATCallback(freeze_bn="1ep"), snap], model=TinyBNConv(), max_epochs=3)
+    assert torch.count_nonzero(snap.means[0]) > 0  # epoch 0 updated the statistics
+    assert torch.equal(snap.means[0], snap.means[1]) and torch.equal(snap.means[1], snap.means[2])
+
+
+# -- checkpoints, test after QAT, fit twice ---------------------------------------------------
+
+
+def test_test_from_checkpoint_and_fit_twice(tmp_path):
+    qat = QATCallback(bits=8)
+    model = TinyMLP()
+    trainer = make_trainer(tmp_path, [qat], max_epochs=2, limit_val_batches=1)
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "qat.ckpt")
+    state = torch.load(tmp_path / "qat.ckpt", weights_only=True)["callbacks"][qat.state_key]
+    assert state["enabled"] and set(state["observers"]) == {"fc1", "fc2", "fc3"}
+    fresh_qat = QATCallback(bits=8)
+    tester = make_trainer(tmp_path, [fresh_qat], limit_test_batches=1)
+    (result,) = tester.test(TinyMLP(), ckpt_path=tmp_path / "qat.ckpt", verbose=False)
+    assert "test_loss" in result
+    assert fresh_qat.layers.enabled
+    assert float(fresh_qat.layers.observers["fc1"].max) == pytest.approx(
+        float(state["observers"]["fc1"]["max"])
+    )
+    again = make_trainer(tmp_path, [qat], max_epochs=1)
+    again.fit(model)  # a second fit on the same callback and model
+    assert qat.quantized
+
+
+def _resume_run(tmp_path, stop=None, ckpt=None):
+    pl.seed_everything(5)
+    model = TinyMLP()
+    qat = QATCallback(bits=4, start="1ep", freeze_observers="3ep")
+    trainer = make_trainer(tmp_path, [qat], max_epochs=stop or 4)
+    trainer.fit(model, ckpt_path=ckpt)
+    return model, qat, trainer
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full_model, full_qat, _ = _resume_run(tmp_path / "full")
+    _, _, half = _resume_run(tmp_path / "half", stop=2)
+    half.save_checkpoint(tmp_path / "mid.ckpt")
+    model, qat, _ = _resume_run(tmp_path / "resumed", ckpt=tmp_path / "mid.ckpt")
+    for name in full_qat.layers.observers:
+        a, b = full_qat.layers.observers[name], qat.layers.observers[name]
+        assert torch.equal(a.min, b.min) and torch.equal(a.max, b.max), name
+    for (name, a), (_, b) in zip(
+        full_model.named_parameters(), model.named_parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+
+
+def test_int4_weights_pack_two_per_byte(tmp_path):
+    qat = QATCallback(bits=4, overrides={"fc3": 8}, activations=None)
+    fit(tmp_path, [qat], max_epochs=1)
+    fc1 = qat.quantized["fc1.weight"]
+    assert fc1["bits"] == 4 and fc1["packed"].numel() == 32 * 32 // 2
+    assert qat.quantized["fc3.weight"]["bits"] == 8 and "q" in qat.quantized["fc3.weight"]
+
+
+# -- learned step sizes ----------------------------------------------------------------------------
+
+
+def test_lsq_learns_steps_and_converts_with_them(tmp_path):
+    pl.seed_everything(0)
+    model = TinyMLP()
+    w0 = model.fc1.weight.detach().clone()
+    qat = QATCallback(bits=4, method="lsq", activations=None, lsq_lr=1e-2)
+    prune = PruneCallback(sparsity=0.5, schedule="oneshot", start=0, include=["fc1"])
+    fit(tmp_path, [prune, qat], model=model, max_epochs=2)
+    steps = qat.layers.steps
+    assert set(steps) == set(WEIGHTS)
+    keep = prune.masks.keep_mask("fc1.weight")
+    init = 2 * (w0 * keep).abs().sum(1) / keep.sum(1) / 7**0.5
+    # Initialised from the surviving weights at the first step, then learned.
+    assert not torch.allclose(steps["fc1.weight"].detach(), init, atol=1e-4)
+    entry = qat.quantized["fc1.weight"]
+    assert torch.allclose(entry["scale"], steps["fc1.weight"].detach())
+    q = unpack_int4(entry["packed"], (32, 32))
+    assert torch.all(q[~keep] == 0)
+    fake = qat.layers.quantized_weight("fc1", "weight").detach()
+    assert torch.allclose(q.float() * entry["scale"][:, None], fake, atol=1e-6)
+
+
+def test_lsq_steps_resume_exactly(tmp_path):
+    def run(path, stop=None, ckpt=None):
+        pl.seed_everything(3)
+        model = TinyMLP()
+        qat = QATCallback(bits=4, method="lsq", start="1ep")
+        trainer = make_trainer(path, [qat], max_epochs=stop or 4)
+        trainer.fit(model, ckpt_path=ckpt)
+        return model, qat, trainer
+
+    full_model, full_qat, _ = run(tmp_path / "full")
+    _, half_qat, half = run(tmp_path / "half", stop=2)
+    half.save_checkpoint(tmp_path / "mid.ckpt")
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=True)["callbacks"][half_qat.state_key]
+    assert set(state["steps"]) == set(WEIGHTS)
+    model, qat, _ = run(tmp_path / "resumed", ckpt=tmp_path / "mid.ckpt")
+    for name in WEIGHTS:
+        assert torch.allclose(qat.layers.steps[name], full_qat.layers.steps[name], atol=1e-7)
+    for a, b in zip(full_model.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_logs_bits_scales_and_clipped_fraction(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="csv")
+    fit(tmp_path, [QATCallback(bits=4, overrides={"fc3": 8})], max_epochs=2, logger=logger)
+    text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    header = text.splitlines()[0].split(",")
+    for key in ("qat/bits/fc1.weight", "qat/scale_mean/fc1.weight", "qat/clipped/fc3.weight"):
+        assert key in header
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in text.splitlines()[1:]]
+    bits = [float(r["qat/bits/fc3.weight"]) for r in rows if r.get("qat/bits/fc3.weight")]
+    clipped = [float(r["qat/clipped/fc1.weight"]) for r in rows if r.get("qat/clipped/fc1.weight")]
+    assert bits and set(bits) == {8.0}
+    assert clipped and set(clipped) == {0.0}  # range-based scales never clip
