@@ -146,6 +146,13 @@ class QATCallback(Callback):
             "freeze_observers": self._convert(self.freeze_observers, spe, "freeze_observers"),
             "freeze_bn": self._convert(self.freeze_bn, spe, "freeze_bn"),
         }
+        for arg in ("freeze_observers", "freeze_bn"):
+            step = self._steps[arg]
+            if step is not None and step < self._steps["start"]:
+                raise ValueError(
+                    f"`{arg}`={getattr(self, arg)} ({step} steps) is before `start`={self.start} "
+                    f"({self._steps['start']} steps)"
+                )
         self._restore()
         self._phase(trainer.global_step, training=True)
 

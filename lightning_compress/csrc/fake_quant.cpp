@@ -6,16 +6,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LC_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LC_SIMD_CLONES
-#endif
 
 namespace lightning_compress {
 

@@ -6,17 +6,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
-
-// The baseline build targets any x86-64 (SSE2); hot loops get an AVX2 clone as well, picked at
-// load time by the CPU's features.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LC_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LC_SIMD_CLONES
-#endif
 
 namespace lightning_compress {
 

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,16 +9,32 @@ import pytest
 SCRIPT = Path(__file__).with_name("ddp_prune_script.py")
 
 
+def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
+    """Runs the DDP script (2 CPU processes, gloo) and returns each rank's record.
+
+    A launch that dies is retried once (with the first failure reported as a warning): the
+    process-group rendezvous on a shared CI machine can lose its port to another process. A
+    deterministic failure fails both attempts.
+    """
+    for attempt in (1, 2):
+        out = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path), mode],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if out.returncode == 0:
+            break
+        message = f"DDP run exited with {out.returncode}: {out.stderr[-4000:]}"
+        if attempt == 2:
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=2)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.parametrize("criterion", ["magnitude", "random"])
 def test_masks_identical_across_two_cpu_processes(tmp_path, criterion):
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), criterion],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = run_two_ranks(tmp_path, criterion)
     assert [r["world_size"] for r in records] == [2, 2]
     assert records[0]["masks"] == records[1]["masks"]
     assert records[0]["weights"] == records[1]["weights"]
@@ -29,14 +46,7 @@ def test_masks_identical_across_two_cpu_processes(tmp_path, criterion):
 
 
 def test_flipout_counts_and_masks_identical_across_two_cpu_processes(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "flipout"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = run_two_ranks(tmp_path, "flipout")
     assert records[0]["flips"] == records[1]["flips"]
     assert records[0]["masks"] == records[1]["masks"]
     assert records[0]["weights"] == records[1]["weights"]  # same noise, same rewinds
@@ -45,14 +55,7 @@ def test_flipout_counts_and_masks_identical_across_two_cpu_processes(tmp_path):
 
 
 def test_quantizer_state_identical_across_two_cpu_processes(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "qat"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = run_two_ranks(tmp_path, "qat")
     assert records[0]["observers"] is not None
     assert records[0]["observers"] == records[1]["observers"]
     assert records[0]["masks"] == records[1]["masks"]

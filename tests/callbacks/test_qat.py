@@ -69,6 +69,10 @@ def test_bad_arguments_raise_in_init(kwargs, match):
         ({"fold_bn": True}, "no Conv followed by a BatchNorm"),
         ({"include": ["conv9"]}, "`include` pattern 'conv9' matches no module"),
         ({"overrides": {"head": 4}}, "`overrides` pattern 'head' matches none"),
+        (
+            {"start": "1ep", "freeze_observers": "3it"},
+            r"`freeze_observers`=3it \(3 steps\) is before",
+        ),
     ],
 )
 def test_bad_targeting_raises_before_the_first_step(tmp_path, kwargs, match):
