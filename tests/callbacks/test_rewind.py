@@ -312,3 +312,13 @@ def test_wandb_gets_accuracy_against_remaining_weights(tmp_path, monkeypatch):
     assert isinstance(rounds["prune/rounds"], wandb.Table)
     assert [row[0] for row in rounds["prune/rounds"].data] == [0, 1, 2]
     assert "prune/rounds_plot" in rounds
+
+
+def test_rounds_follow_the_optimizer_clock_under_gradient_accumulation(tmp_path):
+    # 8 batches per epoch accumulated by 2: 4 optimizer steps per epoch, rounds at steps 4 and 8.
+    prune, rewind = iterative(), Recording(to=0, mode="lr")
+    _model, trainer = fit(tmp_path, [prune, rewind], max_epochs=3, accumulate_grad_batches=2)
+    assert rewind.rewinds == [4, 8]
+    assert trainer.global_step == 12
+    assert all(after["lr"] == pytest.approx(0.1) for after in rewind.after)
+    assert all(after["sched"]["last_epoch"] == 0 for after in rewind.after)
