@@ -68,15 +68,9 @@ def make_callback(criterion: str, epochs: int, every: str) -> pl.Callback:
     )
 
 
-def one_run(
-    width: int | None, pruned: bool, epochs: int, batches: int, every: str, criterion: str
-) -> list[float]:
-    pl.seed_everything(0, verbose=False)
-    timer = EpochTimer()
-    callbacks: list[pl.Callback] = [timer]
-    if pruned:
-        callbacks.append(make_callback(criterion, epochs, every))
-    trainer = pl.Trainer(
+def bench_trainer(epochs: int, batches: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU Trainer that only trains: no validation, logger, checkpoints or progress bar."""
+    return pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=batches,
         limit_val_batches=0,
@@ -87,6 +81,17 @@ def one_run(
         callbacks=callbacks,
         accelerator="cpu",
     )
+
+
+def one_run(
+    width: int | None, pruned: bool, epochs: int, batches: int, every: str, criterion: str
+) -> list[float]:
+    pl.seed_everything(0, verbose=False)
+    timer = EpochTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if pruned:
+        callbacks.append(make_callback(criterion, epochs, every))
+    trainer = bench_trainer(epochs, batches, callbacks)
     dm = MNIST5k(batch_size=64, shift=0)
     trainer.fit(make_module(width), datamodule=dm)
     return timer.times[1:]  # the first epoch warms up allocators and caches

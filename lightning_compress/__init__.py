@@ -1,7 +1,12 @@
 """lightning-compress: model compression as PyTorch Lightning callbacks."""
 
-from lightning_compress.callbacks import PruneCallback, QATCallback, RewindCallback
+from lightning_compress.callbacks import (
+    DistillationCallback,
+    PruneCallback,
+    QATCallback,
+    RewindCallback,
+)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PruneCallback", "QATCallback", "RewindCallback"]
+__all__ = ["DistillationCallback", "PruneCallback", "QATCallback", "RewindCallback"]

@@ -1,7 +1,8 @@
 """One Lightning callback per file; each hook is thin and calls a Trainer-free module."""
 
+from lightning_compress.callbacks.distill import DistillationCallback
 from lightning_compress.callbacks.prune import PruneCallback
 from lightning_compress.callbacks.qat import QATCallback
 from lightning_compress.callbacks.rewind import RewindCallback
 
-__all__ = ["PruneCallback", "QATCallback", "RewindCallback"]
+__all__ = ["DistillationCallback", "PruneCallback", "QATCallback", "RewindCallback"]

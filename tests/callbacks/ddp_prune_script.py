@@ -10,14 +10,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from lightning_compress import PruneCallback, QATCallback, RewindCallback
+from lightning_compress import DistillationCallback, PruneCallback, QATCallback, RewindCallback
+from lightning_compress.distillation import teacher_digest
 from tests.helpers import TinyMLP, digest, make_trainer
 
 
 def main(out_dir: Path, criterion: str) -> None:
     pl.seed_everything(0)
-    qat = None
-    if criterion == "qat":
+    qat = distill = None
+    if criterion == "distill":
+        # Distillation with a feature adapter (trained by the callback's own optimizer) and pruning.
+        torch.manual_seed(11)
+        teacher = torch.nn.Sequential(
+            torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4)
+        )
+        pl.seed_everything(0)
+        prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep")
+        distill = DistillationCallback(teacher, temperature=2.0, features=[("fc1", "0", 0.5)])
+        callbacks = [prune, distill]
+        teacher_before = teacher_digest(teacher)
+    elif criterion == "qat":
         # Pruning and QAT together: observers see each rank's own batches and must still agree.
         prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep")
         qat = QATCallback(bits=4, activations=8)
@@ -62,6 +74,8 @@ def main(out_dir: Path, criterion: str) -> None:
         )
         if qat
         else None,
+        "adapters": digest(distill.adapters.state_dict()) if distill else None,
+        "teacher_unchanged": teacher_digest(distill.teacher) == teacher_before if distill else None,
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -60,3 +60,14 @@ def test_quantizer_state_identical_across_two_cpu_processes(tmp_path):
     assert records[0]["observers"] == records[1]["observers"]
     assert records[0]["masks"] == records[1]["masks"]
     assert records[0]["weights"] == records[1]["weights"]
+
+
+def test_distillation_adapters_and_weights_identical_across_two_cpu_processes(tmp_path):
+    records = run_two_ranks(tmp_path, "distill")
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert records[0]["adapters"] is not None
+    assert records[0]["adapters"] == records[1]["adapters"]  # averaged adapter gradients
+    assert records[0]["weights"] == records[1]["weights"]
+    assert records[0]["masks"] == records[1]["masks"]
+    assert records[0]["teacher_unchanged"] and records[1]["teacher_unchanged"]
+    assert records[0]["global_step"] == 12
