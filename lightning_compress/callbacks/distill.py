@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.callbacks._side_optimizer import averaged_step
 from lightning_compress.distillation import (
     TeacherMemo,
     agreement,
@@ -263,8 +264,8 @@ class DistillationCallback(Callback):
                 limit = len(dataset) if dataset is not None else None
             except TypeError:
                 limit = None
-            if self.memo is None:
-                self.memo = TeacherMemo(limit)
+            # A new memo per fit: the teacher may have been reloaded or changed in between.
+            self.memo = TeacherMemo(limit)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -527,18 +528,9 @@ class DistillationCallback(Callback):
         self._pending = None
 
     def _step_adapters(self, trainer: pl.Trainer) -> None:
-        """One Adam step on the adapters after each step of the model's optimizer; under DDP
-        their gradients are averaged first, as DDP does for the module's own parameters."""
-        optimizer = self._adapter_optimizer
-        if optimizer is None:
-            return
-        params = list(self.adapters.parameters())
-        if trainer.world_size > 1:
-            for p in params:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = trainer.strategy.reduce(grad, reduce_op="mean")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        """One Adam step on the adapters after each step of the model's optimizer."""
+        if self._adapter_optimizer is not None:
+            averaged_step(trainer, self._adapter_optimizer, self.adapters.parameters())
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

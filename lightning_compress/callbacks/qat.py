@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.callbacks._side_optimizer import averaged_step
 from lightning_compress.callbacks.prune import convert_step, steps_per_epoch
 from lightning_compress.pruning.steps import Step, parse_step
 from lightning_compress.quantization.fake import (
@@ -301,12 +302,7 @@ class QATCallback(Callback):
         if self.layers is None or not self.layers.steps or self._step_optimizer is None:
             return
         steps = list(self.layers.steps.values())
-        if trainer.world_size > 1:
-            for step in steps:
-                if step.grad is not None:
-                    step.grad.copy_(trainer.strategy.reduce(step.grad, reduce_op="mean"))
-        self._step_optimizer.step()
-        self._step_optimizer.zero_grad(set_to_none=True)
+        averaged_step(trainer, self._step_optimizer, steps)
         with torch.no_grad():
             for step in steps:
                 step.clamp_(min=1e-8)

@@ -126,9 +126,11 @@ class TeacherMemo:
 
     def insert(self, keys: Sequence[tuple], outputs: Mapping[str, torch.Tensor]) -> None:
         """Stores the rows of examples not yet held (first dimension of every output)."""
-        new = [i for i, k in enumerate(keys) if k not in self.index]
-        seen: set[tuple] = set()
-        new = [i for i in new if not (keys[i] in seen or seen.add(keys[i]))]
+        first: dict[tuple, int] = {}  # a repeated example in one batch is stored once
+        for i, k in enumerate(keys):
+            if k not in self.index:
+                first.setdefault(k, i)
+        new = list(first.values())
         if self.limit is not None:
             new = new[: max(0, self.limit - len(self.index))]
         if not new:
