@@ -1,0 +1,31 @@
+"""Packing a compressed model into a compact artifact and running it with the compiled kernels.
+
+``pack(model, path, qat=...)`` writes the artifact, ``load_into(model, path)`` swaps the model's
+layers for :class:`PackedLinear` / :class:`PackedConv2d` and loads the weights, ``report(path)``
+tabulates sizes per layer. Format: :mod:`lightning_compress.export.artifact`.
+"""
+
+from lightning_compress.export.artifact import (
+    FORMAT_VERSION,
+    ArtifactError,
+    Report,
+    load_into,
+    pack,
+    packable_layers,
+    read,
+    report,
+)
+from lightning_compress.export.modules import PackedConv2d, PackedLinear
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ArtifactError",
+    "PackedConv2d",
+    "PackedLinear",
+    "Report",
+    "load_into",
+    "pack",
+    "packable_layers",
+    "read",
+    "report",
+]

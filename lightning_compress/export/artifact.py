@@ -1,0 +1,490 @@
+"""The packed artifact: one safetensors file holding exactly what the compressed weights need.
+
+Tensors:
+
+- ``packed/<layer>/values``   the non-zero integers of a sparse layer, row-major: int8, or for
+  4 bits uint8 with two per byte (low nibble first); ``packed/<layer>/qweight`` for a dense
+  layer (int8 [N*K], or the same nibble packing);
+- ``packed/<layer>/unary`` and ``packed/<layer>/low``  the Rice-coded positions of a sparse
+  layer (:mod:`lightning_compress.export.positions`);
+- ``packed/<layer>/scale`` float32 [N] per output channel, ``packed/<layer>/bias`` float32 [N];
+- ``state/<key>``  every other entry of the model's state dict, as it was (BatchNorm statistics,
+  embeddings, layers left uncompressed in fp32).
+
+The safetensors header's ``__metadata__`` (strings only) holds ``format``
+(``"lightning-compress"``), ``format_version``, ``layers`` (a JSON table: name, kind, shape, bits,
+layout, counts, convolution geometry, activation range) and ``checksum``: SHA-256 over the table
+and every tensor's name, dtype, shape and bytes. Loading parses the header itself, reads tensors
+with safetensors (which never unpickles), verifies the checksum and matches every layer against
+the target model before anything in the model changes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from lightning_compress.export import positions
+from lightning_compress.export.modules import PackedConv2d, PackedLinear, conv_params, packable
+from lightning_compress.quantization.fake import pack_int4, quantize_weight, unpack_int4
+
+FORMAT = "lightning-compress"
+FORMAT_VERSION = 1
+SPARSE_MAX_DENSITY = 0.5  # layers with at most this share of non-zero integers are stored sparse
+_MAX_HEADER = 100 << 20
+
+
+class ArtifactError(ValueError):
+    """The file is not a readable lightning-compress artifact, or does not fit the model."""
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _attention_children(model: nn.Module) -> set[str]:
+    """Modules inside nn.MultiheadAttention, which reads their weights without calling them."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            names.update(f"{name}.{c}" if name else c for c, _ in module.named_modules() if c)
+    return names
+
+
+def packable_layers(model: nn.Module, exclude: list[str] | None = None) -> dict[str, nn.Module]:
+    """Linear and Conv2d (groups=1) layers that packing may replace, by module name.
+
+    Left out: layers inside nn.MultiheadAttention, layers whose weight is shared with another
+    module (tied weights), and names matching an ``exclude`` pattern.
+    """
+    skip = _attention_children(model)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and packable(module)
+        and name not in skip
+        and owners.get(id(module.weight), 0) == 1
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude or [])
+    }
+
+
+def _layer_integers(
+    name: str, module: nn.Module, qat: Any, bits: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(q, scale, bits) of a layer's weight, or None to leave it uncompressed."""
+    key = f"{name}.weight"
+    if qat is not None:
+        entry = getattr(qat, "quantized", {}).get(key)
+        if entry is None:
+            return None
+        shape = tuple(entry["shape"])
+        q = entry["q"] if "q" in entry else unpack_int4(entry["packed"], shape)
+        scale = entry["scale"].float()
+        if "fold" in entry:  # weight = q * scale / fold (BatchNorm folded into the scale)
+            scale = scale / entry["fold"].float()
+        return q.reshape(shape), scale, int(entry["bits"])
+    if bits is None:
+        return None
+    q, scale = quantize_weight(module.weight.detach().cpu(), bits)
+    return q, scale, bits
+
+
+def _activation_range(name: str, qat: Any) -> dict[str, Any] | None:
+    layers = getattr(qat, "layers", None)
+    observer = getattr(layers, "observers", {}).get(name) if layers is not None else None
+    if observer is None or not observer.initialized:
+        return None
+    scale, zero_point = observer.qparams()
+    return {"scale": float(scale), "zero_point": int(zero_point), "bits": int(observer.bits)}
+
+
+def checksum(layers_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(layers_json.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pack(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    qat: Any = None,
+    bits: int | None = 8,
+    exclude: list[str] | None = None,
+) -> Path:
+    """Writes ``model`` as a packed artifact and returns its path.
+
+    Args:
+        model: The trained model (a LightningModule or any nn.Module), pruned weights as zeros.
+        path: File to write (``.safetensors``); written to a temporary name, then renamed.
+        qat: The ``QATCallback`` that trained the model: its integers, scales (BatchNorm folded)
+            and activation ranges are stored, so the packed model computes what the
+            fake-quantized model computed. Layers it did not quantize stay fp32.
+        bits: Without ``qat``: per-channel post-training quantization of every packable layer to
+            8 or 4 bits; None leaves them fp32.
+        exclude: Module-name patterns to leave uncompressed.
+    """
+    if bits not in (None, 4, 8):
+        raise ValueError(f"`bits` must be 8, 4 or None, got {bits!r}")
+    if qat is not None and not getattr(qat, "quantized", None):
+        raise ValueError(
+            "`qat` holds no integer weights: pass the QATCallback after trainer.fit "
+            "(or call its attach()/convert() on a restored model)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    table: list[dict[str, Any]] = []
+    packed_keys: set[str] = set()
+    for name, module in packable_layers(model, exclude).items():
+        found = _layer_integers(name, module, qat, bits)
+        if found is None:
+            continue
+        q, scale, layer_bits = found
+        q2d = q.reshape(q.shape[0], -1).to(torch.int8)
+        entry = _pack_layer(name, module, q2d, scale, layer_bits, tensors)
+        entry["act"] = _activation_range(name, qat) if qat is not None else None
+        table.append(entry)
+        packed_keys.update({f"{name}.weight", f"{name}.bias"})
+    for key, value in model.state_dict().items():
+        if key not in packed_keys:
+            tensors[f"state/{key}"] = value.detach().contiguous().cpu()
+    layers_json = json.dumps(table, separators=(",", ":"))
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layers": layers_json,
+        "checksum": checksum(layers_json, tensors),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
+    tmp.replace(path)
+    return path
+
+
+def _pack_layer(
+    name: str,
+    module: nn.Module,
+    q2d: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    tensors: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    prefix = f"packed/{name}/"
+    flat = q2d.reshape(-1)
+    nz = flat.nonzero().reshape(-1)
+    sparse = nz.numel() <= SPARSE_MAX_DENSITY * max(flat.numel(), 1)
+    entry: dict[str, Any] = {
+        "name": name,
+        "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+        "weight_shape": list(module.weight.shape),
+        "shape": list(q2d.shape),
+        "bits": bits,
+        "layout": "sparse" if sparse else "dense",
+        "nnz": int(nz.numel()),
+        "bias": module.bias is not None,
+    }
+    if isinstance(module, nn.Conv2d):
+        entry["conv"] = conv_params(module)
+    values = flat[nz] if sparse else flat
+    tensors[prefix + ("values" if sparse else "qweight")] = (
+        pack_int4(values) if bits == 4 else values.contiguous()
+    )
+    if sparse:
+        unary, low, k, unary_bits = positions.encode(nz)
+        tensors[prefix + "unary"], tensors[prefix + "low"] = unary, low
+        entry.update(k=k, unary_bits=unary_bits)
+    tensors[prefix + "scale"] = scale.float().contiguous().cpu()
+    if module.bias is not None:
+        tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
+    return entry
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifact:
+    """A verified artifact: its layer table and tensors."""
+
+    path: Path
+    size: int
+    version: int
+    layers: list[dict[str, Any]]
+    tensors: dict[str, torch.Tensor]
+
+
+def read(path: str | os.PathLike) -> Artifact:
+    """Reads and verifies an artifact (format, version, checksum); nothing is unpickled.
+
+    Raises:
+        ArtifactError: Unreadable, truncated, foreign, newer-version or corrupted file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot read the artifact: {err}") from None
+    if len(data) < 8:
+        raise ArtifactError(f"{path}: not a safetensors artifact ({len(data)} bytes, truncated?)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(len(data) - 8, _MAX_HEADER):
+        raise ArtifactError(
+            f"{path}: not a safetensors artifact (header of {header_len} bytes in a file of "
+            f"{len(data)}): truncated, or another format such as a pickle/torch.save file"
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        meta = header.get("__metadata__") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ArtifactError(f"{path}: corrupted safetensors header") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{path}: not a lightning-compress artifact (a safetensors file without the "
+            f"'{FORMAT}' format tag; write artifacts with lightning_compress.export.pack)"
+        )
+    try:
+        version = int(meta["format_version"])
+        layers = json.loads(meta["layers"])
+        stored_sum = str(meta["checksum"])
+    except (KeyError, ValueError, TypeError):
+        raise ArtifactError(f"{path}: corrupted artifact metadata") from None
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version} is newer than this lightning-compress "
+            f"reads ({FORMAT_VERSION}); upgrade lightning-compress"
+        )
+    if version < 1 or not isinstance(layers, list):
+        raise ArtifactError(f"{path}: corrupted artifact metadata (version {version})")
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{path}: corrupted or truncated tensor data: {err}") from None
+    if checksum(meta["layers"], tensors) != stored_sum:
+        raise ArtifactError(f"{path}: checksum mismatch, the file is corrupted")
+    return Artifact(path, len(data), version, layers, tensors)
+
+
+def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The layer's integers [N, K], scale and bias from its tensors (validated)."""
+    prefix = f"packed/{entry['name']}/"
+    n, k = (int(v) for v in entry["shape"])
+    bits = int(entry["bits"])
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported weight bits {bits}")
+    nnz = int(entry["nnz"])
+    sparse = entry["layout"] == "sparse"
+    count = nnz if sparse else n * k
+    stored = tensors[prefix + ("values" if sparse else "qweight")]
+    want = (count + 1) // 2 if bits == 4 else count
+    if stored.dtype != (torch.uint8 if bits == 4 else torch.int8) or stored.numel() != want:
+        raise ValueError(
+            f"weight values have the wrong dtype or size ({stored.dtype}, {stored.numel()})"
+        )
+    values = unpack_int4(stored, (count,)) if bits == 4 else stored
+    if sparse:
+        flat = positions.decode(
+            tensors[prefix + "unary"],
+            tensors[prefix + "low"],
+            int(entry["k"]),
+            int(entry["unary_bits"]),
+            nnz,
+            n * k,
+        )
+        q = torch.zeros(n * k, dtype=torch.int8)
+        q[flat] = values
+        q = q.view(n, k)
+    else:
+        q = values.reshape(n, k)
+    scale = tensors[prefix + "scale"]
+    if scale.dtype != torch.float32 or scale.shape != (n,):
+        raise ValueError("scale must be float32 [out_features]")
+    bias = tensors.get(prefix + "bias")
+    if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
+        raise ValueError("bias does not match the layer table")
+    return {"q": q, "scale": scale, "bias": bias, "bits": bits, "sparse": sparse}
+
+
+def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Swaps ``model``'s packed layers for inference modules and loads every weight.
+
+    The model must have the architecture that was packed. Everything is read, verified and
+    decoded before the model is touched: on any error it is left exactly as it was.
+
+    Returns:
+        ``model`` itself, now running the compiled kernels.
+
+    Raises:
+        ArtifactError: A bad file, or a model whose layers or state do not match it.
+    """
+    art = read(path)
+    where = art.path
+    modules = dict(model.named_modules())
+    state = model.state_dict(keep_vars=True)
+    replacements: dict[str, nn.Module] = {}
+    covered: set[str] = set()
+    try:
+        for entry in art.layers:
+            name = entry["name"]
+            module = modules.get(name)
+            kind = nn.Conv2d if entry["kind"] == "conv2d" else nn.Linear
+            if not isinstance(module, kind) or not packable(module):
+                found = type(module).__name__ if module is not None else "nothing"
+                raise ArtifactError(
+                    f"{where}: layer {name!r} is a {entry['kind']} in the artifact, {found} in the model"
+                )
+            if list(module.weight.shape) != list(entry["weight_shape"]):
+                raise ArtifactError(
+                    f"{where}: layer {name!r} has weight {list(module.weight.shape)} in the model, "
+                    f"{entry['weight_shape']} in the artifact"
+                )
+            if (module.bias is not None) != bool(entry["bias"]):
+                raise ArtifactError(
+                    f"{where}: layer {name!r}: bias presence differs from the artifact"
+                )
+            if kind is nn.Conv2d and conv_params(module) != entry["conv"]:
+                raise ArtifactError(
+                    f"{where}: layer {name!r}: convolution geometry differs from the artifact"
+                )
+            try:
+                parts = _decode_layer(entry, art.tensors)
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise ArtifactError(f"{where}: layer {name!r} is corrupted: {err}") from None
+            cls = PackedConv2d if kind is nn.Conv2d else PackedLinear
+            extra = {"conv": entry["conv"]} if kind is nn.Conv2d else {}
+            new = cls(
+                parts["q"],
+                parts["scale"],
+                parts["bias"],
+                parts["bits"],
+                parts["sparse"],
+                entry.get("act"),
+                **extra,
+            )
+            new.train(module.training)
+            replacements[name] = new
+            covered.update({f"{name}.weight", f"{name}.bias"})
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"{where}: corrupted layer table ({err!r})") from None
+    stored = {k[len("state/") :]: v for k, v in art.tensors.items() if k.startswith("state/")}
+    expected = {k for k in state if k not in covered}
+    if set(stored) != expected:
+        missing, extra = sorted(expected - set(stored)), sorted(set(stored) - expected)
+        raise ArtifactError(
+            f"{where}: the model does not match the artifact (in the model only: {missing[:5]}; "
+            f"in the artifact only: {extra[:5]})"
+        )
+    for key, value in stored.items():
+        if state[key].shape != value.shape or state[key].dtype != value.dtype:
+            raise ArtifactError(
+                f"{where}: {key!r} is {state[key].dtype} {list(state[key].shape)} in the model, "
+                f"{value.dtype} {list(value.shape)} in the artifact"
+            )
+    # Verified: from here on nothing can fail.
+    with torch.no_grad():
+        for key, value in stored.items():
+            state[key].copy_(value)
+    for name, new in replacements.items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new.to(_device_of(modules[name])))
+    return model
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return module.weight.device
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    layout: str
+    bits: int
+    sparsity: float
+    bytes: int
+    fp32_bytes: int
+
+
+@dataclass
+class Report:
+    """Per-layer sizes of an artifact and its totals against the fp32 model."""
+
+    path: Path
+    file_bytes: int
+    fp32_bytes: int
+    layers: list[LayerRow]
+    other_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """fp32 bytes over the file's bytes."""
+        return self.fp32_bytes / max(self.file_bytes, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'layer':<24} {'kind':<7} {'layout':<7} {'bits':>4} {'sparsity':>9} "
+            f"{'bytes':>10} {'fp32 bytes':>11}"
+        ]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<24} {r.kind:<7} {r.layout:<7} {r.bits:>4} {100 * r.sparsity:8.2f}% "
+                f"{r.bytes:>10,} {r.fp32_bytes:>11,}"
+            )
+        lines.append(f"{'other state (fp32 as stored)':<55} {self.other_bytes:>10,}")
+        lines.append(
+            f"file {self.path.name}: {self.file_bytes:,} bytes on disk; fp32 tensors "
+            f"{self.fp32_bytes:,} bytes; {self.ratio:.1f}x smaller"
+        )
+        return "\n".join(lines)
+
+
+def report(path: str | os.PathLike) -> Report:
+    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes."""
+    art = read(path)
+    rows = []
+    fp32 = 0
+    for entry in art.layers:
+        prefix = f"packed/{entry['name']}/"
+        nbytes = sum(
+            t.numel() * t.element_size() for k, t in art.tensors.items() if k.startswith(prefix)
+        )
+        n, k = entry["shape"]
+        dense = n * k * 4 + (n * 4 if entry["bias"] else 0)
+        fp32 += dense
+        rows.append(
+            LayerRow(
+                entry["name"],
+                entry["kind"],
+                entry["layout"],
+                int(entry["bits"]),
+                1.0 - int(entry["nnz"]) / max(n * k, 1),
+                nbytes,
+                dense,
+            )
+        )
+    other = [t for k, t in art.tensors.items() if k.startswith("state/")]
+    other_bytes = sum(t.numel() * t.element_size() for t in other)
+    fp32 += sum(t.numel() * 4 for t in other)
+    return Report(art.path, art.size, fp32, rows, other_bytes)

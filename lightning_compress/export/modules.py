@@ -1,0 +1,138 @@
+"""Inference modules over packed integer weights, calling the compiled kernels.
+
+``PackedLinear`` and ``PackedConv2d`` replace ``nn.Linear`` / ``nn.Conv2d`` after
+:func:`lightning_compress.export.load_into`. Weights are int8 (or row-packed int4) with one fp32
+scale per output channel, stored dense or as compressed rows (:mod:`lightning_compress.ops.packed`).
+Convolutions unfold their input (im2col) and go through the same linear kernels. Where the layer
+was trained with 8-bit activations, its output is fake-quantized with the recorded range, as in
+training, so the packed model computes what the fake-quantized model computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.ops.packed import (
+    check_sparse_layout,
+    int_linear,
+    pack_rows_int4,
+    sparse_int_linear,
+    sparse_layout,
+)
+
+
+class PackedWeight(nn.Module):
+    """An integer weight [N, K] with per-row scales and an optional bias, and its product with x.
+
+    Args:
+        q: int8 [N, K] integers (values in [-8, 7] when ``bits`` is 4).
+        scale: float32 [N].
+        bias: float32 [N] or None.
+        bits: 8 or 4.
+        sparse: Keep compressed rows of the non-zeros (int8 values) instead of the dense matrix.
+        act: Output fake quantization ``{"scale", "zero_point", "bits"}`` or None.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        sparse: bool,
+        act: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits = bits
+        self.sparse = sparse
+        self.act = act
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        if sparse:
+            row_ptr, col, values = sparse_layout(q)
+            check_sparse_layout(row_ptr, col, values, (self.out_features, self.in_features))
+            self.register_buffer("row_ptr", row_ptr)
+            self.register_buffer("col", col)
+            self.register_buffer("values", values)
+        else:
+            self.register_buffer("qweight", q.contiguous() if bits == 8 else pack_rows_int4(q))
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """``x2d`` [B, K] float32 -> [B, N] float32."""
+        if self.sparse:
+            return sparse_int_linear(
+                x2d, self.row_ptr, self.col, self.values, self.scale, self.bias, self.in_features
+            )
+        return int_linear(x2d, self.qweight, self.scale, self.bias, self.bits)
+
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.act is None:
+            return y
+        top = 2 ** self.act["bits"] - 1
+        return torch.fake_quantize_per_tensor_affine(
+            y, self.act["scale"], self.act["zero_point"], 0, top
+        )
+
+    def extra_repr(self) -> str:
+        layout = "sparse" if self.sparse else "dense"
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {layout}"
+
+
+class PackedLinear(PackedWeight):
+    """Drop-in for ``nn.Linear`` (any leading dimensions; float32 math, output in x's dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, x.shape[-1]).float()).reshape(*lead, self.out_features)
+        return self.quantize_output(y).to(x.dtype)
+
+
+class PackedConv2d(PackedWeight):
+    """Drop-in for a ``groups=1``, zero-padded ``nn.Conv2d``: unfold, then the linear kernels."""
+
+    def __init__(self, *args: Any, conv: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kernel_size = tuple(conv["kernel_size"])
+        self.stride = tuple(conv["stride"])
+        self.padding = tuple(conv["padding"])
+        self.dilation = tuple(conv["dilation"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        x4 = x if batched else x.unsqueeze(0)
+        b, _, h, w = x4.shape
+        out_h = h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1
+        out_w = w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1
+        out_h, out_w = out_h // self.stride[0] + 1, out_w // self.stride[1] + 1
+        cols = F.unfold(x4.float(), self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+        y = y.view(b, out_h * out_w, self.out_features).transpose(1, 2)
+        y = self.quantize_output(y.reshape(b, self.out_features, out_h, out_w)).to(x.dtype)
+        return y if batched else y.squeeze(0)
+
+
+def conv_params(conv: nn.Conv2d) -> dict[str, Any]:
+    """The geometry a PackedConv2d needs, as JSON-friendly lists."""
+    return {
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+    }
+
+
+def packable(module: nn.Module) -> bool:
+    """Linear, or Conv2d with groups=1, zero padding and numeric padding."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
