@@ -4,18 +4,19 @@ For each shape (in_features x out_features) and batch size, in one process and i
 
 - ``fp32``      dense ``F.linear``
 - ``bf16``      dense ``F.linear`` in bfloat16 (weights and activations)
-- ``qdynamic``  torch's ``quantize_dynamic`` int8 ``nn.Linear`` (wrapped in a Sequential, which
-                it needs to quantize the layer)
+- ``qdynamic``  torch's ``quantize_dynamic`` int8 ``nn.Linear`` (wrapped in a Sequential,
+                which it needs to quantize the layer)
 - ``csr<p>``    torch's CSR matmul (int32 indices, fp32 values) at sparsity p
 - ``int8``      ours, dense int8 weights
 - ``sparse<p>`` ours, compressed rows of int8 at sparsity p (50/75/90/95%)
 
 Weights are cold: every method cycles through enough copies of its weights to exceed the
-last-level cache by a quarter, so each call reads its weights from memory as a model much larger than the
-cache would. The memory-bandwidth bound is measured in the same run (reading a buffer of the same
-size) and each method's share of it is reported: the bytes its weights occupy over the bandwidth,
-divided by its time. A repetition runs every method once in turn; the median over repetitions is
-reported, with speed-ups taken per repetition (same machine state) and then the median.
+last-level cache by a quarter, so each call reads its weights from memory, as in a model much
+larger than the cache. The memory-bandwidth bound is measured in the same run (reading a
+buffer of the same size) and each method's share of it is reported: the bytes its weights
+occupy over the bandwidth, divided by its time. A repetition runs every method once in turn;
+the median over repetitions is reported, with speed-ups taken per repetition (same machine
+state) and then the median.
 
     python benchmarks/kernels.py [--threads 2] [--reps 7] [--shapes 4096x11008] [--out ...]
 """
@@ -151,15 +152,18 @@ def run_shape(k: int, n: int, batches, reps: int, budget: int, gen) -> list[dict
         x = torch.randn(batch, k, generator=gen)
         xb = x.bfloat16()
         samples: dict[str, list[float]] = {name: [] for name in methods}
-        for name, (method, run) in methods.items():  # warm-up
+        for method, run in methods.values():  # warm-up
             for _ in range(2):
-                method.call(lambda wt, run=run: run(wt, x, xb))
+                method.call(lambda wt, run=run, x=x, xb=xb: run(wt, x, xb))
         bw = []
         for _ in range(reps):
             bw.append(bandwidth(budget, 1))
             for name, (method, run) in methods.items():
                 calls = max(1, min(len(method.copies), 64))
-                total = sum(method.call(lambda wt, run=run: run(wt, x, xb)) for _ in range(calls))
+                total = sum(
+                    method.call(lambda wt, run=run, x=x, xb=xb: run(wt, x, xb))
+                    for _ in range(calls)
+                )
                 samples[name].append(total / calls)
         bytes_per_s = statistics.median(bw)
         for name, (method, _) in methods.items():

@@ -350,7 +350,8 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if not isinstance(module, kind) or not packable(module):
                 found = type(module).__name__ if module is not None else "nothing"
                 raise ArtifactError(
-                    f"{where}: layer {name!r} is a {entry['kind']} in the artifact, {found} in the model"
+                    f"{where}: layer {name!r} is a {entry['kind']} in the artifact, "
+                    f"{found} in the model"
                 )
             if list(module.weight.shape) != list(entry["weight_shape"]):
                 raise ArtifactError(
