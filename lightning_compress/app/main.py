@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -19,7 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 
-from lightning_compress.app.build import build_job
+from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, evaluate, latency
+from lightning_compress.app.build import Job, build_job
+from lightning_compress.callbacks import QATCallback
+from lightning_compress.export import load_into, pack
 from lightning_compress.targets import default_weights
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         for result in trainer.test(job.module, datamodule=job.datamodule, verbose=False):
             metrics.update(_scalars(result))
     output_dir.mkdir(parents=True, exist_ok=True)
+    # Weights and callback states, for `lightning-compress-artifact export` (every rank calls it).
+    trainer.save_checkpoint(output_dir / CHECKPOINT_NAME)
     params = parameter_counts(job.module.net)
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -97,11 +103,42 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         # Iterative schedules: sparsity and monitored metric at the end of every round.
         "rounds": [r for c in job.callbacks for r in getattr(c, "rounds", [])],
     }
+    export = cfg.get("export") or {}
+    if export.get("pack", False) and trainer.is_global_zero:
+        record["packed"] = pack_and_measure(job, output_dir, export)
     _finish_logger(job.logger)
     if trainer.is_global_zero:
         (output_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         print(summary(record, output_dir))
     return record
+
+
+def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
+    """Packs the trained network, reloads it into a copy with the compiled kernels, evaluates the
+    copy on the test split and times it against the network with its fp32 weights."""
+    qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.quantized), None)
+    net = job.module.net
+    path = pack(net, output_dir / ARTIFACT_NAME, qat=qat, bits=export.get("bits", 8))
+    packed = load_into(copy.deepcopy(net), path)
+    loader = job.datamodule.test_dataloader()
+    example = next(iter(loader))[0]
+    batches = [int(b) for b in export.get("latency_batches", [1, 256])]
+    if qat is not None:  # the model as trained: fake-quantized weights and activations
+        qat.layers.install()
+    try:
+        reference = evaluate(net, loader)
+    finally:
+        if qat is not None:
+            qat.layers.remove()
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "quantization": "qat" if qat is not None else f"post-training int{export.get('bits', 8)}",
+        "test_acc": evaluate(packed, loader),
+        # The same test split through the unpacked network: fake-quantized after QAT, else fp32.
+        "reference_acc": reference,
+        "latency_ms": latency({"dense": net, "packed": packed}, example, batches),
+    }
 
 
 def summary(record: dict[str, Any], output_dir: Path) -> str:
@@ -113,10 +150,31 @@ def summary(record: dict[str, Any], output_dir: Path) -> str:
         f"parameters     {params['nonzero']:,} non-zero of {params['total']:,}",
         f"weight sparsity {100 * record['sparsity']:.2f}% of Linear/Conv weights are zero",
         f"model file     {record['model_bytes']:,} bytes (safetensors)",
+        *_packed_lines(record),
         f"wall time      {record['wall_time_s']:.1f} s, {record['global_step']} optimizer steps",
         f"record         {output_dir / 'results.json'}",
     ]
     return "\n".join(lines)
+
+
+def _packed_lines(record: dict[str, Any]) -> list[str]:
+    packed = record.get("packed")
+    if not packed:
+        return []
+    trained = "fake-quantized" if packed["quantization"] == "qat" else "fp32"
+    lines = [
+        f"packed file    {packed['bytes']:,} bytes, {record['model_bytes'] / packed['bytes']:.1f}x "
+        f"smaller ({packed['quantization']}, {Path(packed['path']).name})",
+        f"packed acc.    {100 * packed['test_acc']:.2f}% reloaded with load_into, whole test split "
+        f"({trained} model before packing: {100 * packed['reference_acc']:.2f}%)",
+    ]
+    for batch, dense_ms in packed["latency_ms"]["dense"].items():
+        packed_ms = packed["latency_ms"]["packed"][batch]
+        lines.append(
+            f"latency b={batch:<4} dense fp32 {dense_ms:.3f} ms, packed {packed_ms:.3f} ms "
+            f"({dense_ms / packed_ms:.2f}x)"
+        )
+    return lines
 
 
 def _finish_logger(logger: Any) -> None:

@@ -230,6 +230,11 @@ class QATCallback(Callback):
         return None if step is None else convert_step(step, spe, arg)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
+        if self.layers is not None and self.layers.model is pl_module:
+            # Testing or predicting after fit: the same quantizer (observers, steps, enabled),
+            # so evaluation sees the fake-quantized model that was trained, not fresh observers.
+            self.layers.install()
+            return
         names = resolve_weights(pl_module, self.include, self.exclude, owner="QATCallback")
         per_layer = match_overrides(names, self.overrides, "overrides", "QATCallback")
         self.targets = {n: int(per_layer.get(n, self.bits)) for n in names}
@@ -325,6 +330,29 @@ class QATCallback(Callback):
         for name, (neg_lo, hi) in zip(names, ranges.tolist(), strict=True):
             layers.observers[name].observe(-neg_lo, hi)
         layers.batch_ranges.clear()
+
+    def attach(self, pl_module: nn.Module, state: dict[str, Any] | None = None) -> QATCallback:
+        """Rebuilds the integer weights of a trained model outside a Trainer (for export).
+
+        Args:
+            pl_module: The model as trained (weights restored from its checkpoint).
+            state: This callback's entry in the checkpoint's ``callbacks`` (observers, learned
+                steps); without it, activation ranges are unknown and steps are the default.
+
+        Returns:
+            ``self``, with :attr:`quantized` filled and no hooks left on the model.
+        """
+        self._install(pl_module)
+        assert self.layers is not None
+        try:
+            if state is not None:
+                self.load_state_dict(state)
+                self._restore()
+            self.layers.enabled = True
+            self.quantized = self.convert()
+        finally:
+            self.layers.remove()
+        return self
 
     def convert(self) -> dict[str, dict[str, Any]]:
         """True integer weights of the quantized layers, as the fake-quantized model uses them.

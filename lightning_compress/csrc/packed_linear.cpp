@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 
@@ -36,10 +37,16 @@ constexpr int64_t kDenseGemvMaxBatch = 16;
 constexpr int64_t kGatherMaxBatch = 2;
 constexpr int64_t kBand = 96;  // rows sharing one pass over chunks of x (batched sparse path)  // batches up to this size gather x per non-zero
 
+// AVX-512 paths run when the CPU has AVX-512F/BW/VL, unless LIGHTNING_COMPRESS_NO_AVX512 is set
+// to a non-empty value other than "0" (tests use it to check the portable loops).
 bool cpu_has_avx512() {
 #ifdef LC_X86
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
+  static const bool has = [] {
+    const char* off = std::getenv("LIGHTNING_COMPRESS_NO_AVX512");
+    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
   return has;
 #else
   return false;

@@ -85,10 +85,21 @@ def packable_layers(model: nn.Module, exclude: list[str] | None = None) -> dict[
     }
 
 
+def _qat_prefix(qat: Any, model: nn.Module) -> str:
+    """Name of ``model`` inside the module the QATCallback trained ("" if the same), plus a dot."""
+    root = getattr(getattr(qat, "layers", None), "model", None)
+    if root is None or root is model:
+        return ""
+    for name, module in root.named_modules():
+        if module is model:
+            return f"{name}." if name else ""
+    raise ValueError("`model` is not part of the module the QATCallback quantized")
+
+
 def _layer_integers(
     name: str, module: nn.Module, qat: Any, bits: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(q, scale, bits) of a layer's weight, or None to leave it uncompressed."""
+    """(q, scale, bits) of a layer's weight (``name`` as QAT saw it), or None to leave it fp32."""
     key = f"{name}.weight"
     if qat is not None:
         entry = getattr(qat, "quantized", {}).get(key)
@@ -154,14 +165,15 @@ def pack(
     tensors: dict[str, torch.Tensor] = {}
     table: list[dict[str, Any]] = []
     packed_keys: set[str] = set()
+    prefix = _qat_prefix(qat, model) if qat is not None else ""
     for name, module in packable_layers(model, exclude).items():
-        found = _layer_integers(name, module, qat, bits)
+        found = _layer_integers(prefix + name, module, qat, bits)
         if found is None:
             continue
         q, scale, layer_bits = found
         q2d = q.reshape(q.shape[0], -1).to(torch.int8)
         entry = _pack_layer(name, module, q2d, scale, layer_bits, tensors)
-        entry["act"] = _activation_range(name, qat) if qat is not None else None
+        entry["act"] = _activation_range(prefix + name, qat) if qat is not None else None
         table.append(entry)
         packed_keys.update({f"{name}.weight", f"{name}.bias"})
     for key, value in model.state_dict().items():
