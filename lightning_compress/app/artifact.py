@@ -1,4 +1,4 @@
-"""``lightning-compress-artifact``: export a trained run to a packed artifact, benchmark it, report it.
+"""``lightning-compress-artifact``: export a trained run to a packed artifact, time it, report it.
 
     lightning-compress-artifact export RUN_DIR [--ckpt FILE] [--out FILE] [--bits 8|4]
     lightning-compress-artifact bench RUN_DIR [--artifact FILE] [--batches 1 64 256]
