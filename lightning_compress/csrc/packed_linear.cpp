@@ -18,6 +18,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -253,13 +254,14 @@ float sparse_dot(const float* x, const Idx* col, const int8_t* val, int64_t begi
   return sparse_row_dot(x, col, val, begin, end);
 }
 
-// Rows [r0, r1) of the [N, ldx] output (before scale and bias) for one tile of batch columns;
+// Rows [r0, r1) of the output (before scale and bias) for one tile of batch columns, row r at
+// out + (r - r0) * ldx;
 // x tile transposed: [K, ldx], ldx a multiple of 16, columns past bt zero.
 template <typename Idx>
 void sparse_rows_tile(const float* xt, int64_t ldx, int64_t bt, const int64_t* rp, const Idx* col,
                       const int8_t* val, int64_t r0, int64_t r1, float* out) {
   for (int64_t r = r0; r < r1; ++r) {
-    float* acc = out + r * ldx;
+    float* acc = out + (r - r0) * ldx;
     const int64_t b = rp[r], e = rp[r + 1];
 #ifdef LC_X86
     if (cpu_has_avx512()) {
@@ -275,56 +277,101 @@ void sparse_rows_tile(const float* xt, int64_t ldx, int64_t bt, const int64_t* r
   }
 }
 
+// The end of every path: y = dot * scale[r] + bias[r], then, when the layer was trained with
+// quantized activations (act_scale > 0), fake quantization to [0, qmax] with that scale and zero
+// point, computed as torch.fake_quantize_per_tensor_affine computes it.
+struct Epilogue {
+  Epilogue(const float* scale_, const float* bias_, float act_scale_, int64_t zero_point_,
+           int64_t qmax_)
+      : scale(scale_), bias(bias_), act_scale(act_scale_),
+        inv(act_scale_ > 0.0f ? 1.0f / act_scale_ : 0.0f), zero_point(zero_point_), qmax(qmax_) {}
+
+  const float* scale;
+  const float* bias;
+  float act_scale;
+  float inv;
+  int64_t zero_point;
+  int64_t qmax;
+
+  // Round half to even in the default rounding mode without a libm call on SSE2-only builds:
+  // adding and removing 1.5 * 2^23 leaves the nearest integer for |v| < 2^22.
+  static inline float round_even(float v) {
+    constexpr float kMagic = 12582912.0f;
+    return std::fabs(v) < 4194304.0f ? (v + kMagic) - kMagic : std::nearbyint(v);
+  }
+
+  inline float operator()(int64_t r, float dot) const {
+    const float v = dot * scale[r] + (bias ? bias[r] : 0.0f);
+    if (act_scale <= 0.0f) return v;
+    // In float: zero point and levels are small integers, so every step but the rounding is
+    // exact, and the product rounds once, as torch's double product cast to float does.
+    const float zp = static_cast<float>(zero_point);
+    const float q = std::min(std::max(round_even(v * inv) + zp, 0.0f), static_cast<float>(qmax));
+    return (q - zp) * act_scale;
+  }
+};
+
 template <typename Idx>
 void sparse_linear_impl(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_t,
-                        const at::Tensor& values, const float* scale, const float* bias,
-                        at::Tensor& y) {
+                        const at::Tensor& values, const Epilogue& ep, at::Tensor& y) {
+  constexpr int64_t kRowBlock = 64;  // rows whose tile results are staged before the store
   const int64_t batch = x.size(0);
   const int64_t k = x.size(1);
   const int64_t n = y.size(1);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const Idx* col = col_t.data_ptr<Idx>();
   const int8_t* val = values.data_ptr<int8_t>();
+  const float* xp = x.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const int64_t nnz = row_ptr.numel() ? rp[n] : 0;
-  const int64_t grain = std::max<int64_t>(1, n * 4096 / std::max<int64_t>(nnz * batch, 1));
-  auto finish = [&](int64_t b, int64_t r, float dot) {
-    out[b * n + r] = dot * scale[r] + (bias ? bias[r] : 0.0f);
-  };
+  // About 32K multiply-adds per task at least: tiny layers stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, n * 32768 / std::max<int64_t>(nnz * batch, 1));
   if (batch <= kGatherMaxBatch) {
-    const float* xp = x.data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t b = 0; b < batch; ++b) {
-          finish(b, r, sparse_dot(xp + b * k, col, val, rp[r], rp[r + 1]));
+          out[b * n + r] = ep(r, sparse_dot(xp + b * k, col, val, rp[r], rp[r + 1]));
         }
       }
     });
     return;
   }
+  const int64_t ld_max = std::min(kBatchTile, (batch + 15) / 16 * 16);
+  at::Tensor xt_t = at::empty({k, ld_max}, x.options());
+  float* xt = xt_t.data_ptr<float>();
   for (int64_t b0 = 0; b0 < batch; b0 += kBatchTile) {
     const int64_t bt = std::min(kBatchTile, batch - b0);
-    // [K, ldx]: a non-zero's batch values side by side, padded with zeros to whole vectors.
+    // x tile transposed, [K, ldx]: a non-zero's batch values side by side, zero-padded to whole
+    // vectors.
     const int64_t ldx = (bt + 15) / 16 * 16;
-    at::Tensor xt_t = at::zeros({k, ldx}, x.options());
-    xt_t.narrow(1, 0, bt).copy_(x.narrow(0, b0, bt).t());
-    const float* xt = xt_t.data_ptr<float>();
-    // Rows of the output tile are written contiguously ([N, ldx]) and transposed once at the end:
-    // strided stores into [batch, N] would touch a new page for every batch column.
-    at::Tensor yt_t = at::empty({n, ldx}, x.options());
-    float* yt = yt_t.data_ptr<float>();
-    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
-      sparse_rows_tile(xt, ldx, bt, rp, col, val, r0, r1, yt);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* acc = yt + r * ldx;
-        const float sr = scale[r];
-        const float br = bias ? bias[r] : 0.0f;
-        for (int64_t b = 0; b < bt; ++b) acc[b] = acc[b] * sr + br;
+    at::parallel_for(0, k, 256, [&](int64_t k0, int64_t k1) {
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        float* dst = xt + kk * ldx;
+        for (int64_t b = 0; b < bt; ++b) dst[b] = xp[(b0 + b) * k + kk];
+        for (int64_t b = bt; b < ldx; ++b) dst[b] = 0.0f;
       }
     });
-    yt_t = yt_t.narrow(1, 0, bt);
-    y.narrow(0, b0, bt).copy_(yt_t.t());
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+      // Staged per block of rows, then stored batch row by batch row: runs of contiguous
+      // outputs instead of a store per page when N is large.
+      alignas(64) float stage[kRowBlock * kBatchTile];
+      for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+        const int64_t re = std::min(r1, rb + kRowBlock);
+        sparse_rows_tile(xt, ldx, bt, rp, col, val, rb, re, stage);
+        for (int64_t b = 0; b < bt; ++b) {
+          float* dst = out + (b0 + b) * n;
+          for (int64_t r = rb; r < re; ++r) dst[r] = ep(r, stage[(r - rb) * ldx + b]);
+        }
+      }
+    });
   }
+}
+
+void check_act(const char* op, double act_scale, int64_t zero_point, int64_t qmax) {
+  TORCH_CHECK(act_scale >= 0.0, op, ": `act_scale` must be >= 0 (0: float outputs), got ",
+              act_scale);
+  TORCH_CHECK(act_scale == 0.0 || (qmax > 0 && zero_point >= 0 && zero_point <= qmax), op,
+              ": activation zero point ", zero_point, " must lie in [0, ", qmax, "]");
 }
 
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& scale,
@@ -346,8 +393,10 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& scale,
 at::Tensor sparse_int_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                                  const at::Tensor& col, const at::Tensor& values,
                                  const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-                                 int64_t in_features) {
+                                 int64_t in_features, double act_scale, int64_t act_zero_point,
+                                 int64_t act_qmax) {
   const char* op = "sparse_int_linear";
+  check_act(op, act_scale, act_zero_point, act_qmax);
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.numel() >= 1, op,
               ": `row_ptr` must be 1-D int64 with N+1 entries");
   const int64_t n = row_ptr.numel() - 1;
@@ -377,18 +426,21 @@ at::Tensor sparse_int_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0 || n == 0) return y;
-  const float* bp = bc ? bc->data_ptr<float>() : nullptr;
+  const Epilogue ep{sc.data_ptr<float>(), bc ? bc->data_ptr<float>() : nullptr,
+                    static_cast<float>(act_scale), act_zero_point, act_qmax};
   if (narrow) {
-    sparse_linear_impl<int16_t>(xc, rp, c, values.contiguous(), sc.data_ptr<float>(), bp, y);
+    sparse_linear_impl<int16_t>(xc, rp, c, values.contiguous(), ep, y);
   } else {
-    sparse_linear_impl<int32_t>(xc, rp, c, values.contiguous(), sc.data_ptr<float>(), bp, y);
+    sparse_linear_impl<int32_t>(xc, rp, c, values.contiguous(), ep, y);
   }
   return y;
 }
 
 at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                          const std::optional<at::Tensor>& bias, int64_t bits) {
+                          const std::optional<at::Tensor>& bias, int64_t bits, double act_scale,
+                          int64_t act_zero_point, int64_t act_qmax) {
   const char* op = "int_linear";
+  check_act(op, act_scale, act_zero_point, act_qmax);
   TORCH_CHECK(bits == 8 || bits == 4, op, ": `bits` must be 8 or 4, got ", bits);
   TORCH_CHECK(qweight.dim() == 2, op, ": `qweight` must be 2-D, got ", qweight.dim(), "-D");
   const int64_t n = qweight.size(0);
@@ -409,6 +461,7 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const float* s = sc.data_ptr<float>();
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   const float* bp = bc ? bc->data_ptr<float>() : nullptr;
+  const Epilogue ep{s, bp, static_cast<float>(act_scale), act_zero_point, act_qmax};
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, n}, x.options());
   if (batch == 0 || n == 0) return y;
@@ -432,7 +485,7 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
           }
           for (b = 0; b < batch; ++b) {
             for (int q = 0; q < 4; ++q) {
-              out[b * n + r + q] = out[b * n + r + q] * s[r + q] + (bp ? bp[r + q] : 0.0f);
+              out[b * n + r + q] = ep(r + q, out[b * n + r + q]);
             }
           }
         }
@@ -443,7 +496,7 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
           const float dot = bits == 8
                                 ? dense_row_dot_i8(xp + b * k, w.data_ptr<int8_t>() + r * ldw, k)
                                 : dense_row_dot_i4(xp + b * k, w.data_ptr<uint8_t>() + r * ldw, k);
-          out[b * n + r] = dot * s[r] + (bp ? bp[r] : 0.0f);
+          out[b * n + r] = ep(r, dot);
         }
       }
     });
@@ -469,14 +522,20 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     if (bp) band_out.add_(bc->narrow(0, r0, rows));
     part.copy_(band_out);
   }
+  if (act_scale > 0.0) {
+    return at::fake_quantize_per_tensor_affine(y, act_scale, act_zero_point, 0, act_qmax);
+  }
   return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(lightning_compress, m) {
   m.def(
       "sparse_int_linear(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scale, "
-      "Tensor? bias, int in_features) -> Tensor");
-  m.def("int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits) -> Tensor");
+      "Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
+      "int act_qmax=255) -> Tensor");
+  m.def(
+      "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, "
+      "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) {

@@ -51,6 +51,8 @@ class PackedWeight(nn.Module):
         self.bits = bits
         self.sparse = sparse
         self.act = act
+        act = act or {"scale": 0.0, "zero_point": 0, "bits": 8}
+        self._act_args = (float(act["scale"]), int(act["zero_point"]), 2 ** int(act["bits"]) - 1)
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         if sparse:
@@ -63,20 +65,20 @@ class PackedWeight(nn.Module):
             self.register_buffer("qweight", q.contiguous() if bits == 8 else pack_rows_int4(q))
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """``x2d`` [B, K] float32 -> [B, N] float32."""
+        """``x2d`` [B, K] float32 -> [B, N] float32 (output fake-quantized where trained so)."""
+        act_args = self._act_args
         if self.sparse:
             return sparse_int_linear(
-                x2d, self.row_ptr, self.col, self.values, self.scale, self.bias, self.in_features
+                x2d,
+                self.row_ptr,
+                self.col,
+                self.values,
+                self.scale,
+                self.bias,
+                self.in_features,
+                *act_args,
             )
-        return int_linear(x2d, self.qweight, self.scale, self.bias, self.bits)
-
-    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.act is None:
-            return y
-        top = 2 ** self.act["bits"] - 1
-        return torch.fake_quantize_per_tensor_affine(
-            y, self.act["scale"], self.act["zero_point"], 0, top
-        )
+        return int_linear(x2d, self.qweight, self.scale, self.bias, self.bits, *act_args)
 
     def extra_repr(self) -> str:
         layout = "sparse" if self.sparse else "dense"
@@ -87,9 +89,11 @@ class PackedLinear(PackedWeight):
     """Drop-in for ``nn.Linear`` (any leading dimensions; float32 math, output in x's dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32:
+            return self.matmul(x)
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]).float()).reshape(*lead, self.out_features)
-        return self.quantize_output(y).to(x.dtype)
+        return y.to(x.dtype)
 
 
 class PackedConv2d(PackedWeight):
@@ -112,7 +116,7 @@ class PackedConv2d(PackedWeight):
         cols = F.unfold(x4.float(), self.kernel_size, self.dilation, self.padding, self.stride)
         y = self.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
         y = y.view(b, out_h * out_w, self.out_features).transpose(1, 2)
-        y = self.quantize_output(y.reshape(b, self.out_features, out_h, out_w)).to(x.dtype)
+        y = y.reshape(b, self.out_features, out_h, out_w).to(x.dtype)
         return y if batched else y.squeeze(0)
 
 

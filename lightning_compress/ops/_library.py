@@ -100,12 +100,13 @@ def register_op(
     else:
         uses_reference = False
     torch.library.register_fake(qualname)(fake)
-    packet = getattr(getattr(torch.ops, NAMESPACE), name)
+    # The overload itself, not the packet: skips the packet's overload resolution per call.
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
 
     def call(*args, **kwargs):
         if uses_reference:
             _warn_fallback()
-        return packet(*args, **kwargs)
+        return overload(*args, **kwargs)
 
     call.__name__ = name
     call.__doc__ = reference.__doc__

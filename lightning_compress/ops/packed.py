@@ -1,7 +1,8 @@
 """Linear layers over packed integer weights: dense int8/int4 and compressed sparse rows of int8.
 
 Both ops compute ``y = (x @ q^T) * scale + bias`` with float32 activations ``x`` [B, K], integer
-weights ``q`` [N, K] and one float32 scale per output channel. Weights stay integer in memory;
+weights ``q`` [N, K] and one float32 scale per output channel; given ``act_scale`` > 0, the output
+is then fake-quantized per tensor (8-bit activations of a QAT-trained layer) in the same pass. Weights stay integer in memory;
 the compiled kernels widen them to fp32 in registers.
 
 Runtime layouts:
@@ -110,11 +111,24 @@ def sparse_int_linear_reference(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     in_features: int,
+    act_scale: float = 0.0,
+    act_zero_point: int = 0,
+    act_qmax: int = 255,
 ) -> torch.Tensor:
-    """``x @ (q * scale[:, None])^T + bias`` for a weight in compressed rows (see module doc)."""
+    """``x @ (q * scale[:, None])^T + bias`` for a weight in compressed rows (see module doc),
+    fake-quantized per tensor (``act_scale``, ``act_zero_point``, range [0, ``act_qmax``]) when
+    ``act_scale`` > 0."""
     weight = dense_from_sparse(row_ptr.cpu(), col.cpu(), values.cpu(), (scale.numel(), in_features))
     weight = weight.to(x.device).float() * scale[:, None]
-    return F.linear(x, weight, bias)
+    return _fake_quant_output(F.linear(x, weight, bias), act_scale, act_zero_point, act_qmax)
+
+
+def _fake_quant_output(y: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    if scale < 0:
+        raise ValueError(f"`act_scale` must be >= 0 (0: float outputs), got {scale}")
+    if scale == 0:
+        return y
+    return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, 0, qmax)
 
 
 def int_linear_reference(
@@ -123,30 +137,37 @@ def int_linear_reference(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
+    act_scale: float = 0.0,
+    act_zero_point: int = 0,
+    act_qmax: int = 255,
 ) -> torch.Tensor:
-    """``x @ (q * scale[:, None])^T + bias`` for a dense int8, or row-packed int4, weight."""
+    """``x @ (q * scale[:, None])^T + bias`` for a dense int8, or row-packed int4, weight; the
+    output fake-quantized as in :func:`sparse_int_linear_reference` when ``act_scale`` > 0."""
     if bits not in (4, 8):
         raise ValueError(f"int_linear: `bits` must be 8 or 4, got {bits}")
     q = qweight if bits == 8 else unpack_rows_int4(qweight, x.shape[1])
-    return F.linear(x, q.float() * scale[:, None], bias)
+    y = F.linear(x, q.float() * scale[:, None], bias)
+    return _fake_quant_output(y, act_scale, act_zero_point, act_qmax)
 
 
-def _sparse_fake(x, row_ptr, col, values, scale, bias, in_features):
+def _sparse_fake(x, row_ptr, col, values, scale, bias, in_features, *act):
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
 
 
-def _int_fake(x, qweight, scale, bias, bits):
+def _int_fake(x, qweight, scale, bias, bits, *act):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 sparse_int_linear = register_op(
     "sparse_int_linear(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scale, "
-    "Tensor? bias, int in_features) -> Tensor",
+    "Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
+    "int act_qmax=255) -> Tensor",
     sparse_int_linear_reference,
     _sparse_fake,
 )
 int_linear = register_op(
-    "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits) -> Tensor",
+    "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, "
+    "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor",
     int_linear_reference,
     _int_fake,
 )
