@@ -2,8 +2,8 @@
 
 Both ops compute ``y = (x @ q^T) * scale + bias`` with float32 activations ``x`` [B, K], integer
 weights ``q`` [N, K] and one float32 scale per output channel; given ``act_scale`` > 0, the output
-is then fake-quantized per tensor (8-bit activations of a QAT-trained layer) in the same pass. Weights stay integer in memory;
-the compiled kernels widen them to fp32 in registers.
+is then fake-quantized per tensor (8-bit activations of a QAT-trained layer) in the same pass.
+Weights stay integer in memory; the compiled kernels widen them to fp32 in registers.
 
 Runtime layouts:
 
