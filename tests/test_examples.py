@@ -1,5 +1,6 @@
 """The example scripts run end to end (in their --fast mode), so they cannot rot."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,18 @@ def test_example_runs(script, args, expect):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout
+
+
+def test_export_example_reloads_the_fake_quantized_model():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "export_and_run.py"), "--fast"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.search(r"fake-quantized ([\d.]+)%, packed ([\d.]+)%", out.stdout)
+    assert match, out.stdout[-2000:]
+    assert abs(float(match[1]) - float(match[2])) <= 0.1
+    assert "PackedLinear" not in out.stderr
+    assert "smaller" in out.stdout and "batch 256:" in out.stdout

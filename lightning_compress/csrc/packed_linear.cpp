@@ -30,6 +30,10 @@
 #define LC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #endif
 
+#ifndef LC_DENSE_ROWS
+#define LC_DENSE_ROWS 8
+#endif
+
 namespace lightning_compress {
 namespace {
 
@@ -218,26 +222,41 @@ LC_AVX512 void sparse_row_tile_avx512(const float* xt, const Idx* col, const int
   }
 }
 
-// Dot products of four int8 rows with NB rows of x: each weight vector is widened once and
-// feeds NB FMAs, each x vector feeds four.
-template <int NB>
-LC_AVX512 void dense_rows4_i8_avx512(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
-                                     int64_t k, float* out, int64_t ldo) {
-  __m512 acc[4][NB];
-  for (int r = 0; r < 4; ++r) {
+// Dot products of R int8 rows with NB rows of x: each weight vector is widened once and feeds NB
+// FMAs, each x vector feeds R.
+template <int R, int NB>
+LC_AVX512 void dense_rows_i8_avx512(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                                    int64_t k, float* out, int64_t ldo) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r) {
     for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
   }
-  for (int64_t i = 0; i < k; i += 16) {
-    const int64_t left = std::min<int64_t>(16, k - i);
-    const __mmask16 m = static_cast<__mmask16>(left == 16 ? 0xFFFFu : (1u << left) - 1u);
-    __m512 wv[4];
-    for (int r = 0; r < 4; ++r) wv[r] = load_vals(w + r * ldw, i, m);
-    for (int b = 0; b < NB; ++b) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
-      for (int r = 0; r < 4; ++r) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+  // Whole 64-byte lines of every row per step, unmasked; the tail below.
+  int64_t i = 0;
+  for (; i + 64 <= k; i += 64) {
+    for (int64_t h = i; h < i + 64; h += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + h))));
+      }
+      for (int b = 0; b < NB; ++b) {
+        const __m512 xv = _mm512_loadu_ps(x + b * ldx + h);
+        for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+      }
     }
   }
-  for (int r = 0; r < 4; ++r) {
+  for (; i < k; i += 16) {
+    const int64_t left = std::min<int64_t>(16, k - i);
+    const __mmask16 m = static_cast<__mmask16>(left == 16 ? 0xFFFFu : (1u << left) - 1u);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_vals(w + r * ldw, i, m);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
     for (int b = 0; b < NB; ++b) out[b * ldo + r] = _mm512_reduce_add_ps(acc[r][b]);
   }
 }
@@ -474,17 +493,18 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
       int64_t r = r0;
 #ifdef LC_X86
       if (bits == 8 && cpu_has_avx512()) {
+        constexpr int kRows = LC_DENSE_ROWS;
         const int8_t* wp = w.data_ptr<int8_t>();
-        for (; r + 4 <= r1; r += 4) {
+        for (; r + kRows <= r1; r += kRows) {
           int64_t b = 0;
           for (; b + 4 <= batch; b += 4) {
-            dense_rows4_i8_avx512<4>(xp + b * k, k, wp + r * ldw, ldw, k, out + b * n + r, n);
+            dense_rows_i8_avx512<kRows, 4>(xp + b * k, k, wp + r * ldw, ldw, k, out + b * n + r, n);
           }
           for (; b < batch; ++b) {
-            dense_rows4_i8_avx512<1>(xp + b * k, k, wp + r * ldw, ldw, k, out + b * n + r, n);
+            dense_rows_i8_avx512<kRows, 1>(xp + b * k, k, wp + r * ldw, ldw, k, out + b * n + r, n);
           }
           for (b = 0; b < batch; ++b) {
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < kRows; ++q) {
               out[b * n + r + q] = ep(r + q, out[b * n + r + q]);
             }
           }

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_compress.ops.packed import (
     check_sparse_layout,
+    hugepage_copy,
     int_linear,
     pack_rows_int4,
     sparse_int_linear,
@@ -59,10 +60,10 @@ class PackedWeight(nn.Module):
             row_ptr, col, values = sparse_layout(q)
             check_sparse_layout(row_ptr, col, values, (self.out_features, self.in_features))
             self.register_buffer("row_ptr", row_ptr)
-            self.register_buffer("col", col)
-            self.register_buffer("values", values)
+            self.register_buffer("col", hugepage_copy(col))
+            self.register_buffer("values", hugepage_copy(values))
         else:
-            self.register_buffer("qweight", q.contiguous() if bits == 8 else pack_rows_int4(q))
+            self.register_buffer("qweight", hugepage_copy(q if bits == 8 else pack_rows_int4(q)))
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d`` [B, K] float32 -> [B, N] float32 (output fake-quantized where trained so)."""
