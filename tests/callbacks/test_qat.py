@@ -321,3 +321,48 @@ def test_logs_bits_scales_and_clipped_fraction(tmp_path):
     clipped = [float(r["qat/clipped/fc1.weight"]) for r in rows if r.get("qat/clipped/fc1.weight")]
     assert bits and set(bits) == {8.0}
     assert clipped and set(clipped) == {0.0}  # range-based scales never clip
+
+
+def _test_loss(model, hooks=None):
+    """Mean per-batch loss over the test loader (equal batches), as Lightning logs it."""
+    if hooks is not None:
+        hooks.install()
+    try:
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(x), y) for x, y in model.test_dataloader()]
+            return float(torch.stack(losses).mean())
+    finally:
+        if hooks is not None:
+            hooks.remove()
+
+
+def test_testing_after_fit_evaluates_the_fake_quantized_model(tmp_path):
+    qat = QATCallback(bits=4, activations=8)
+    model, trainer = fit(tmp_path, [qat], max_epochs=2)
+    trained_layers = qat.layers
+    (result,) = trainer.test(model, verbose=False, dataloaders=model.test_dataloader())
+    assert qat.layers is trained_layers  # the same observers and phase, not fresh ones
+    model.eval()
+    expected = _test_loss(model, qat.layers)
+    assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - _test_loss(model)) > 1e-4  # float weights would score differently
+
+
+@pytest.mark.parametrize("method", ["ste", "lsq"])
+def test_attach_rebuilds_the_integers_from_a_checkpoint(tmp_path, method):
+    qat = QATCallback(bits=8, activations=8, method=method)
+    model, trainer = fit(tmp_path, [qat], max_epochs=2)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    ckpt = torch.load(tmp_path / "run.ckpt", weights_only=True)
+    restored = TinyMLP()
+    restored.load_state_dict(ckpt["state_dict"])
+    plain = _test_loss(restored)
+    again = QATCallback(bits=8, activations=8, method=method)
+    assert again.attach(restored, ckpt["callbacks"][again.state_key]) is again
+    assert again.quantized.keys() == qat.quantized.keys()
+    for name, entry in qat.quantized.items():
+        assert torch.equal(entry["q"], again.quantized[name]["q"]), name
+        assert torch.equal(entry["scale"], again.quantized[name]["scale"]), name
+    for name, observer in qat.layers.observers.items():
+        assert again.layers.observers[name].qparams() == observer.qparams()
+    assert _test_loss(restored) == plain  # no hooks left behind
