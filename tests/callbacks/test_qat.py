@@ -351,7 +351,7 @@ def test_testing_after_fit_evaluates_the_fake_quantized_model(tmp_path):
 @pytest.mark.parametrize("method", ["ste", "lsq"])
 def test_attach_rebuilds_the_integers_from_a_checkpoint(tmp_path, method):
     qat = QATCallback(bits=8, activations=8, method=method)
-    model, trainer = fit(tmp_path, [qat], max_epochs=2)
+    _, trainer = fit(tmp_path, [qat], max_epochs=2)
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     ckpt = torch.load(tmp_path / "run.ckpt", weights_only=True)
     restored = TinyMLP()
