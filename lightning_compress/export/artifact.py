@@ -178,7 +178,9 @@ def pack(
         packed_keys.update({f"{name}.weight", f"{name}.bias"})
     for key, value in model.state_dict().items():
         if key not in packed_keys:
-            tensors[f"state/{key}"] = value.detach().contiguous().cpu()
+            # A copy: tied weights are two state entries over one storage, which safetensors
+            # refuses to write as such.
+            tensors[f"state/{key}"] = value.detach().cpu().clone().contiguous()
     layers_json = json.dumps(table, separators=(",", ":"))
     metadata = {
         "format": FORMAT,

@@ -1,0 +1,258 @@
+import copy
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_compress.export import (
+    FORMAT_VERSION,
+    ArtifactError,
+    PackedConv2d,
+    PackedLinear,
+    load_into,
+    pack,
+    read,
+    report,
+)
+from lightning_compress.quantization.fake import fake_quant_weight
+from lightning_compress.zoo import LeNet5, LeNet300100
+
+
+def pruned(model, sparsity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p[torch.rand(p.shape, generator=gen) < sparsity] = 0
+    return model.eval()
+
+
+def fake_quantized(model, bits, skip=()):
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, nn.Linear | nn.Conv2d) and name not in skip:
+                m.weight.copy_(fake_quant_weight(m.weight, bits))
+    return ref
+
+
+def snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [type(m) for m in model.modules()],
+    )
+
+
+def assert_unchanged(model, before):
+    state, types = before
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert [type(m) for m in model.modules()] == types
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lenet300_round_trip_equals_the_fake_quantized_model(tmp_path, bits):
+    model = pruned(LeNet300100(), 0.9)
+    path = pack(model, tmp_path / "m.safetensors", bits=bits)
+    loaded = load_into(copy.deepcopy(model), path)
+    assert all(isinstance(getattr(loaded, n), PackedLinear) for n in ("fc1", "fc2", "fc3"))
+    x = torch.randn(7, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), fake_quantized(model, bits)(x), rtol=1e-5, atol=1e-5)
+    assert {e["layout"] for e in read(path).layers} == {"sparse"}
+
+
+def test_dense_layers_stay_dense_and_leading_dims_work(tmp_path):
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    path = pack(model, tmp_path / "d.safetensors")
+    assert [e["layout"] for e in read(path).layers] == ["dense", "dense"]
+    loaded = load_into(copy.deepcopy(model), path)
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(loaded(x), fake_quantized(model, 8)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_and_batchnorm_round_trip(tmp_path):
+    model = pruned(LeNet5(), 0.8)
+    loaded = load_into(copy.deepcopy(model), pack(model, tmp_path / "c.safetensors"))
+    assert isinstance(loaded.conv1, PackedConv2d) and isinstance(loaded.fc1, PackedLinear)
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), fake_quantized(model, 8)(x), rtol=1e-4, atol=1e-4)
+    with_bn = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()
+    )
+    with_bn[1].running_mean.uniform_(-1, 1)
+    with_bn[1].running_var.uniform_(0.5, 2)
+    with_bn.eval()
+    fresh = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()
+    ).eval()
+    load_into(fresh, pack(with_bn, tmp_path / "bn.safetensors"))
+    assert torch.equal(fresh[1].running_var, with_bn[1].running_var)
+    x = torch.randn(2, 2, 9, 9)
+    torch.testing.assert_close(fresh(x), fake_quantized(with_bn, 8)(x), rtol=1e-4, atol=1e-4)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_attention_projections_tied_weights_and_excluded_layers_stay_fp32(tmp_path):
+    model = Attention().eval()
+    loaded = load_into(copy.deepcopy(model), pack(model, tmp_path / "a.safetensors"))
+    assert type(loaded.attn.out_proj) is type(model.attn.out_proj)
+    assert isinstance(loaded.head, PackedLinear)
+    x = torch.randn(2, 5, 8)
+    ref = fake_quantized(model, 8, skip={"attn.out_proj"})
+    torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    tied = Tied().eval()
+    assert [e["name"] for e in read(pack(tied, tmp_path / "t.safetensors")).layers] == ["c"]
+    net = pruned(LeNet300100(), 0.9)
+    path = pack(net, tmp_path / "e.safetensors", exclude=["fc3"])
+    loaded = load_into(copy.deepcopy(net), path)
+    assert type(loaded.fc3) is nn.Linear and torch.equal(loaded.fc3.weight, net.fc3.weight)
+
+
+def fp32_bytes(model, tmp_path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "fp32.st")
+    return (tmp_path / "fp32.st").stat().st_size
+
+
+def test_sizes_against_the_fp32_file(tmp_path):
+    model = pruned(LeNet300100(), 0.9)
+    fp32 = fp32_bytes(model, tmp_path)
+    int8 = pack(model, tmp_path / "8.safetensors", bits=8).stat().st_size
+    assert int8 * 16 <= fp32, (int8, fp32)
+    model = pruned(LeNet300100(), 0.95)
+    int4 = pack(model, tmp_path / "4.safetensors", bits=4).stat().st_size
+    assert int4 * 40 <= fp32, (int4, fp32)
+    rep = report(tmp_path / "4.safetensors")
+    assert [r.name for r in rep.layers] == ["fc1", "fc2", "fc3"]
+    assert all(r.bits == 4 and r.sparsity > 0.9 and r.layout == "sparse" for r in rep.layers)
+    assert rep.file_bytes == int4 and rep.ratio > 40
+    assert "fc2" in str(rep) and "smaller" in str(rep)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    return pack(pruned(LeNet300100(), 0.9), tmp_path / "good.safetensors")
+
+
+def rejects(path, match, model=None):
+    model = model or LeNet300100()
+    before = snapshot(model)
+    with pytest.raises(ArtifactError, match=match):
+        load_into(model, path)
+    assert_unchanged(model, before)
+
+
+def test_truncated_files_are_rejected(artifact, tmp_path):
+    data = artifact.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    for cut in (4, 8 + header_len // 2, 8 + header_len + 100, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        rejects(bad, "truncated|corrupted|not a safetensors")
+
+
+def test_bit_flips_are_rejected(artifact, tmp_path):
+    data = bytearray(artifact.read_bytes())
+    (header_len,) = struct.unpack("<Q", data[:8])
+    for offset in (8 + header_len + 5, len(data) - 3, 8 + header_len // 2, 8 + header_len - 30):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x10
+        bad = tmp_path / f"flip{offset}.safetensors"
+        bad.write_bytes(bytes(flipped))
+        rejects(bad, "checksum|corrupted|not a")
+
+
+def test_foreign_empty_random_and_missing_files(tmp_path):
+    model = LeNet300100()
+    foreign = tmp_path / "plain.safetensors"
+    save_file(dict(model.state_dict()), foreign)
+    rejects(foreign, "not a lightning-compress artifact")
+    (tmp_path / "empty").write_bytes(b"")
+    rejects(tmp_path / "empty", "not a safetensors")
+    (tmp_path / "random").write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+    )
+    rejects(tmp_path / "random", "not a safetensors|corrupted")
+    rejects(tmp_path / "missing.safetensors", "cannot read")
+
+
+def test_future_version_is_rejected(artifact, tmp_path):
+    data = artifact.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    header["__metadata__"]["format_version"] = str(FORMAT_VERSION + 1)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    future = tmp_path / "future.safetensors"
+    future.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + header_len :])
+    rejects(future, "newer.*upgrade")
+
+
+def test_mismatched_models_are_rejected(artifact):
+    rejects(artifact, "weight \\[", model=LeNet300100(hidden=(200, 100)))
+    rejects(artifact, "nothing in the model|Sequential", model=nn.Sequential(nn.Linear(784, 300)))
+
+    class ConvNamedFc1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Conv2d(1, 300, 3)
+
+    rejects(artifact, "linear in the artifact", model=ConvNamedFc1())
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_is_rejected_and_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    for name, writer in (("pickle", pickle.dump), ("torch", torch.save)):
+        bad = tmp_path / f"{name}.safetensors"
+        with open(bad, "wb") as fh:
+            writer({"weights": Payload(str(marker))}, fh)
+        rejects(bad, "not a safetensors")
+        assert not marker.exists()
+
+
+def test_pack_arguments_and_atomic_write(tmp_path):
+    model = LeNet300100()
+    with pytest.raises(ValueError, match="bits"):
+        pack(model, tmp_path / "x.safetensors", bits=3)
+
+    class NoIntegers:
+        quantized: dict = {}
+
+    with pytest.raises(ValueError, match="qat"):
+        pack(model, tmp_path / "x.safetensors", qat=NoIntegers())
+    path = pack(model, tmp_path / "ok.safetensors")
+    assert path.exists() and not list(tmp_path.glob("*.tmp"))
