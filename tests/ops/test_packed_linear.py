@@ -243,7 +243,7 @@ def test_compiled_kernels_are_the_ones_dispatched():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_inputs_match_the_reference():
-    q, layout, scale, bias = _small()
+    _, layout, scale, bias = _small()
     x = torch.randn(4, 3)
     expected = sparse_int_linear_reference(x, *layout, scale, bias, 3)
     got = sparse_int_linear(x.cuda(), *(t.cuda() for t in layout), scale.cuda(), bias.cuda(), 3)
