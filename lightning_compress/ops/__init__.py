@@ -8,6 +8,7 @@ from lightning_compress.ops._library import (
 from lightning_compress.ops.bitmask import pack_bits, unpack_bits
 from lightning_compress.ops.fake_quant import fake_quant_rows
 from lightning_compress.ops.flips import flip_count_, masked_noise_
+from lightning_compress.ops.packed import hugepage_copy, int_linear, sparse_int_linear
 
 __all__ = [
     "CompiledOpsUnavailableWarning",
@@ -15,7 +16,10 @@ __all__ = [
     "fake_quant_rows",
     "fallback_reason",
     "flip_count_",
+    "hugepage_copy",
+    "int_linear",
     "masked_noise_",
     "pack_bits",
+    "sparse_int_linear",
     "unpack_bits",
 ]

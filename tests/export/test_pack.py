@@ -1,7 +1,10 @@
 import copy
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -256,3 +259,32 @@ def test_pack_arguments_and_atomic_write(tmp_path):
         pack(model, tmp_path / "x.safetensors", qat=NoIntegers())
     path = pack(model, tmp_path / "ok.safetensors")
     assert path.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+FALLBACK = """
+import copy, sys, torch
+from lightning_compress import ops
+from lightning_compress.export import load_into, pack
+from lightning_compress.zoo import LeNet5
+assert not ops.compiled_available()
+model = LeNet5().eval()
+with torch.no_grad():
+    model.fc1.weight[torch.rand_like(model.fc1.weight) < 0.9] = 0
+path = pack(model, sys.argv[1], bits=8)
+loaded = load_into(copy.deepcopy(model), path)
+x = torch.randn(2, 1, 28, 28)
+print("diff", float((loaded(x) - model(x)).abs().max()))
+"""
+
+
+def test_artifacts_load_and_run_without_the_compiled_ops(tmp_path):
+    env = dict(os.environ, LIGHTNING_COMPRESS_DISABLE_EXT="1")
+    out = subprocess.run(
+        [sys.executable, "-c", FALLBACK, str(tmp_path / "f.safetensors")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("diff")[1]) < 0.05  # int8 weights, close to fp32
