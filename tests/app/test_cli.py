@@ -76,7 +76,8 @@ def test_wandb_offline_run_directory_with_metrics(tmp_path):
         (["model=nope"], "Could not find 'model/nope'"),
         (["data=mnist_idx"], "Missing mandatory value: data.root"),
         (["data=mnist_idx", "data.root=/nonexistent/idx"], "does not exist"),
-        (["trainer.max_epochs=abc"], "must be a non-negative int"),  # the QAT schedule reads it first
+        # The default QAT schedule reads max_epochs first.
+        (["trainer.max_epochs=abc"], "must be a non-negative int"),
         (["trainer.max_epochs=abc", "qat=none"], "`trainer.max_epochs` must be an integer"),
         (["data.batch_size=0"], "`batch_size` must be >= 1"),
         (["model.optimizer.lr=[1"], "no viable alternative at input"),
