@@ -13,13 +13,13 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_compress.clock import parse_step, resolve_steps
 from lightning_compress.pruning.criteria import CRITERIA, get_criterion
 from lightning_compress.pruning.flipout import FlipCounter
 from lightning_compress.pruning.hard_masks import ZERO_PRESERVING_OPTIMIZERS, HardMasks
 from lightning_compress.pruning.masks import parse_nm
 from lightning_compress.pruning.plan import PrunePlan
 from lightning_compress.pruning.schedules import SCHEDULES, Schedule
-from lightning_compress.pruning.steps import Step, parse_step
 from lightning_compress.targets import match_overrides, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -48,28 +48,6 @@ class PruneListener(Protocol):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
     ) -> None:
         """The masks of the event at ``step`` are set and applied."""
-
-
-def steps_per_epoch(trainer: pl.Trainer) -> int:
-    """Optimizer steps in one training epoch, as the fit loop will really take them.
-
-    Lightning steps the optimizer every ``accumulate_grad_batches`` batches and on the last batch
-    of an epoch; ``num_training_batches`` already reflects ``limit_train_batches`` and, under a
-    distributed sampler, the world size.
-    """
-    batches = trainer.num_training_batches
-    if batches == float("inf"):
-        return 0
-    return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
-
-
-def convert_step(step: Step, spe: int, arg: str) -> int:
-    if step.unit == "ep" and spe == 0:
-        raise ValueError(
-            f"`{arg}`={step} is in epochs, but the training dataloader has no length; give "
-            "steps in optimizer iterations instead (e.g. '500it')"
-        )
-    return step.to_steps(spe)
 
 
 class PruneCallback(Callback):
@@ -359,10 +337,8 @@ class PruneCallback(Callback):
             )
 
     def _make_plan(self, trainer: pl.Trainer) -> None:
-        spe = steps_per_epoch(trainer)
-        start = convert_step(self.start, spe, "start")
-        end = convert_step(self.end, spe, "end")
-        every = convert_step(self.every, spe, "every")
+        steps = resolve_steps(trainer, start=self.start, end=self.end, every=self.every)
+        start, end, every = steps["start"], steps["end"], steps["every"]
         if every < 1:
             raise ValueError(f"`every`={self.every} is less than one optimizer step")
         if end < start and self.schedule in ("linear", "cubic"):

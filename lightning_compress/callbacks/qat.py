@@ -14,8 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_compress.callbacks._side_optimizer import averaged_step
-from lightning_compress.callbacks.prune import convert_step, steps_per_epoch
-from lightning_compress.pruning.steps import Step, parse_step
+from lightning_compress.clock import parse_step, resolve_steps
 from lightning_compress.quantization.fake import (
     lsq_init_step,
     pack_int4,
@@ -141,12 +140,12 @@ class QATCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        spe = steps_per_epoch(trainer)
-        self._steps = {
-            "start": convert_step(self.start, spe, "start"),
-            "freeze_observers": self._convert(self.freeze_observers, spe, "freeze_observers"),
-            "freeze_bn": self._convert(self.freeze_bn, spe, "freeze_bn"),
-        }
+        self._steps = resolve_steps(
+            trainer,
+            start=self.start,
+            freeze_observers=self.freeze_observers,
+            freeze_bn=self.freeze_bn,
+        )
         for arg in ("freeze_observers", "freeze_bn"):
             step = self._steps[arg]
             if step is not None and step < self._steps["start"]:
@@ -224,10 +223,6 @@ class QATCallback(Callback):
         self._loaded = state_dict
 
     # -- work --------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _convert(step: Step | None, spe: int, arg: str) -> int | None:
-        return None if step is None else convert_step(step, spe, arg)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         if self.layers is not None and self.layers.model is pl_module:

@@ -10,7 +10,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_compress.callbacks.prune import PruneCallback, convert_step, steps_per_epoch
+from lightning_compress.callbacks.prune import PruneCallback
+from lightning_compress.clock import parse_step, resolve_steps
 from lightning_compress.pruning.rewind import (
     check_snapshot,
     reinitialize,
@@ -18,7 +19,6 @@ from lightning_compress.pruning.rewind import (
     restore_weights,
     take_snapshot,
 )
-from lightning_compress.pruning.steps import parse_step
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class RewindCallback(Callback):
         self._ready.add(id(prune))
         if len(self._ready) < len(self._prunes):
             return
-        self.step = convert_step(self.to, steps_per_epoch(trainer), "to")
+        self.step = resolve_steps(trainer, to=self.to)["to"]
         firsts = [p.plan.first_event() for p in self._prunes if p.plan is not None]
         firsts = [f for f in firsts if f is not None]
         if firsts and self.step > min(firsts):

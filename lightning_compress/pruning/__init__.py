@@ -17,7 +17,7 @@ from lightning_compress.pruning.masks import (
     unstructured_masks,
 )
 from lightning_compress.pruning.schedules import SCHEDULES, Schedule
-from lightning_compress.pruning.steps import Step, parse_step
+from lightning_compress.clock import Step, parse_step
 
 __all__ = [
     "CRITERIA",

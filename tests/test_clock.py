@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_compress.pruning import Step, parse_step
+from lightning_compress.clock import Step, parse_step, resolve_steps, steps_per_epoch
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,34 @@ def test_to_steps_converts_epochs_only():
 def test_str_round_trips_through_parse_step(step):
     assert str(step) == f"{step.value}{step.unit}"
     assert parse_step(str(step), "every") == step
+
+
+class _Trainer:
+    """The two attributes of a Trainer the clock reads."""
+
+    def __init__(self, batches: float, accumulate: int = 1) -> None:
+        self.num_training_batches = batches
+        self.accumulate_grad_batches = accumulate
+
+
+@pytest.mark.parametrize(
+    ("batches", "accumulate", "expected"),
+    [(10, 1, 10), (10, 3, 4), (9, 3, 3), (1, 8, 1), (float("inf"), 1, 0)],
+)
+def test_steps_per_epoch_counts_optimizer_steps_including_the_last_partial_one(
+    batches, accumulate, expected
+):
+    assert steps_per_epoch(_Trainer(batches, accumulate)) == expected
+
+
+def test_resolve_steps_converts_epochs_and_keeps_none():
+    steps = resolve_steps(
+        _Trainer(10, 3), start=Step(2, "ep"), end=Step(7, "it"), freeze=None
+    )
+    assert steps == {"start": 8, "end": 7, "freeze": None}
+
+
+def test_epoch_steps_without_an_epoch_length_name_the_argument():
+    with pytest.raises(ValueError, match=r"`end`=3ep is in epochs.*'500it'"):
+        resolve_steps(_Trainer(float("inf")), end=Step(3, "ep"))
+    assert resolve_steps(_Trainer(float("inf")), end=Step(3, "it")) == {"end": 3}
