@@ -8,29 +8,24 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
-# Module types whose weights are targeted when no `include` is given. MultiheadAttention's packed
-# input projection is a plain Parameter used by F.multi_head_attention_forward directly; its
-# output projection is an nn.Linear subclass whose weight is also read directly. Hard masks on
-# the parameters themselves are correct for both, so both are targeted like any Linear.
-DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.MultiheadAttention,
-)
-_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+from lightning_compress.layout import registered_weights
 
 
 def name_matches(name: str, pattern: str) -> bool:
     """Whether a qualified module or parameter name matches a pattern.
 
     A pattern matches a name exactly, as a glob (``"*.fc*"``), or as a dotted suffix, so ``"fc3"``
-    matches ``"net.fc3"`` and ``"net.fc3.weight"`` but not ``"net.fc30"``.
+    matches ``"net.fc3"`` and ``"net.fc3.weight"`` but not ``"net.fc30"``. A pattern that starts
+    with ``^`` is anchored at the root: ``"^conv1"`` is the top-level ``conv1`` only, not
+    ``layer1.0.conv1``.
     """
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+        return name == pattern or fnmatch.fnmatchcase(name, pattern)
     if name == pattern or fnmatch.fnmatchcase(name, pattern):
         return True
     return name.endswith("." + pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
@@ -54,19 +49,154 @@ def _is_weight(name: str, param: nn.Parameter) -> bool:
     return (leaf == "weight" or leaf.endswith("_weight")) and param.dim() >= 2
 
 
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every name a parameter is reachable under -> its canonical name (the first one)."""
+    canonical: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out[name] = canonical.setdefault(id(param), name)
+    return out
+
+
+@dataclass
+class Targeting:
+    """What a callback will compress in a model, and what it leaves alone and why.
+
+    Attributes:
+        names: The canonical qualified names of the targeted weights (a tied weight once).
+        rows: One row per weight considered: ``name``, ``module`` (type), ``shape``,
+            ``targeted`` and ``why`` (a short reason), in model order.
+    """
+
+    names: list[str]
+    rows: list[dict[str, object]] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The rows as a compact, aligned text table (for the setup log)."""
+        width = max((len(str(r["name"])) for r in self.rows), default=4)
+        lines = []
+        for r in self.rows:
+            mark = "+" if r["targeted"] else "-"
+            shape = "x".join(str(d) for d in r["shape"])  # type: ignore[union-attr]
+            lines.append(f"  {mark} {r['name']:<{width}}  {r['module']:<12} {shape:<14} {r['why']}")
+        return "\n".join(lines)
+
+
+def _default_candidates(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Registered weights by canonical name, and the reason each tied one is left out."""
+    aliases = _aliases(model)
+    registered = {name for name, *_ in registered_weights(model)}
+    chosen: list[str] = []
+    left_out: dict[str, str] = {}
+    for name, *_ in registered_weights(model):
+        canonical = aliases[name]
+        partners = [a for a, c in aliases.items() if c == canonical and a != name]
+        foreign = [a for a in partners if a not in registered]
+        if foreign:
+            # A head tied to an embedding: compressing it would compress the embedding too.
+            left_out[name] = (
+                f"tied to {foreign[0]} (not a registered layer); left out by default, "
+                "name it in `include` to compress the shared weight"
+            )
+        elif canonical not in chosen:
+            chosen.append(canonical)
+    return chosen, left_out
+
+
 def default_weights(model: nn.Module) -> list[str]:
-    """Qualified names of the weights of every Linear, Conv and attention projection."""
-    names = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, DEFAULT_MODULE_TYPES):
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        if isinstance(module, nn.MultiheadAttention):
-            leaves = [w for w in _MHA_WEIGHTS if getattr(module, w, None) is not None]
+    """Canonical names of the registered weights (Linear, Conv, attention projections, Conv1D,
+    user-registered types); a weight shared by several layers once, one tied to an embedding
+    not at all (see :class:`Targeting`)."""
+    return _default_candidates(model)[0]
+
+
+def resolve_targets(
+    model: nn.Module,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    owner: str = "callback",
+) -> Targeting:
+    """Resolves which weights a callback targets, with a row per weight saying why or why not.
+
+    ``include`` patterns may name modules (their weights) or parameters. Every pattern must
+    match something, and everything matched must be a weight (a parameter named ``weight`` or
+    ``*_weight`` with at least two dimensions). A parameter shared by several modules (a tied
+    head) is one target, under its canonical name (the first in ``named_parameters``).
+
+    Raises:
+        ValueError: A pattern matching nothing, a matched parameter that is not a weight, or
+            nothing left to target.
+    """
+    include_list = _as_list(include, "include")
+    exclude_list = _as_list(exclude, "exclude")
+    aliases = _aliases(model)
+    why: dict[str, str] = {}
+    if include_list is None:
+        chosen, left_out = _default_candidates(model)
+        why.update({n: "default target" for n in chosen})
+    else:
+        chosen, left_out = [], {}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for pattern in include_list:
+            for hit in _include_hits(model, params, pattern, owner):
+                canonical = aliases[hit]
+                if canonical not in chosen:
+                    chosen.append(canonical)
+                    why[canonical] = f"include {pattern!r}"
+    names_of = {c: [a for a, k in aliases.items() if k == c] for c in chosen}
+    for pattern in exclude_list or []:
+        hit = [n for n in chosen if any(_excluded(a, pattern) for a in names_of[n])]
+        if not hit:
+            raise ValueError(
+                f"{owner}: `exclude` pattern {pattern!r} matches none of the targets {chosen}"
+            )
+        for n in hit:
+            left_out[n] = f"exclude {pattern!r}"
+        chosen = [n for n in chosen if n not in hit]
+    if not chosen:
+        raise ValueError(
+            f"{owner}: no weights left to target (include={include}, exclude={exclude})"
+        )
+    for n in chosen:
+        shared = [a for a in names_of[n] if a != n]
+        if shared:
+            why[n] += f"; shared with {', '.join(shared)} (one weight, targeted once)"
+    return Targeting(chosen, _rows(model, aliases, chosen, why, left_out))
+
+
+def _rows(
+    model: nn.Module,
+    aliases: dict[str, str],
+    chosen: list[str],
+    why: dict[str, str],
+    left_out: dict[str, str],
+) -> list[dict[str, object]]:
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[str] = set()
+    rows: list[dict[str, object]] = []
+    candidates = [name for name, *_ in registered_weights(model)] + chosen
+    for name in dict.fromkeys(candidates):
+        canonical = aliases.get(name, name)
+        if canonical in chosen and canonical in seen:
+            continue  # a tied weight is one row, under its canonical name
+        if canonical in chosen:
+            name, targeted, reason = canonical, True, why[canonical]
+            seen.add(canonical)
         else:
-            leaves = ["weight"]
-        names.extend(prefix + leaf for leaf in leaves)
-    return names
+            targeted = False
+            reason = left_out.get(name) or left_out.get(canonical) or "not in `include`"
+        module = modules.get(name.rpartition(".")[0])
+        rows.append(
+            {
+                "name": name,
+                "module": type(module).__name__ if module is not None else "",
+                "shape": list(params[name].shape),
+                "targeted": targeted,
+                "why": reason,
+            }
+        )
+    return rows
 
 
 def resolve_weights(
@@ -75,37 +205,8 @@ def resolve_weights(
     exclude: str | Sequence[str] | None,
     owner: str = "callback",
 ) -> list[str]:
-    """Resolves the qualified parameter names a callback targets.
-
-    ``include`` patterns may name modules (their ``weight``) or parameters. Every pattern must
-    match something, and everything matched must be a weight (a parameter named ``weight`` or
-    ``*_weight`` with at least two dimensions).
-
-    Raises:
-        ValueError: A pattern matching nothing, a matched parameter that is not a weight, or
-            nothing left to target.
-    """
-    include_list = _as_list(include, "include")
-    exclude_list = _as_list(exclude, "exclude")
-    params = dict(model.named_parameters())
-    if include_list is None:
-        chosen = default_weights(model)
-    else:
-        chosen = []
-        for pattern in include_list:
-            chosen.extend(_include_hits(model, params, pattern, owner))
-    chosen = list(dict.fromkeys(chosen))
-    for pattern in exclude_list or []:
-        if not any(_excluded(n, pattern) for n in chosen):
-            raise ValueError(
-                f"{owner}: `exclude` pattern {pattern!r} matches none of the targets {chosen}"
-            )
-        chosen = [n for n in chosen if not _excluded(n, pattern)]
-    if not chosen:
-        raise ValueError(
-            f"{owner}: no weights left to target (include={include}, exclude={exclude})"
-        )
-    return chosen
+    """The canonical names of the weights :func:`resolve_targets` targets."""
+    return resolve_targets(model, include, exclude, owner).names
 
 
 def _excluded(name: str, pattern: str) -> bool:
