@@ -14,6 +14,15 @@ _SEEDS = (0x5EED_0001, 0x5EED_0002)
 _coefficients: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The output if it is a tensor, else the first element of a tuple or list if that is one."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    return None
+
+
 def logits_of(output: Any, what: str) -> torch.Tensor:
     """The logits in a forward's output: the tensor itself, ``output["logits"]``,
     ``output.logits`` (model-output objects), or the first element of a tuple or list.
@@ -21,19 +30,18 @@ def logits_of(output: Any, what: str) -> torch.Tensor:
     Raises:
         TypeError: Nothing in the output is a tensor of logits.
     """
-    if torch.is_tensor(output):
-        return output
     if isinstance(output, Mapping) and torch.is_tensor(output.get("logits")):
         return output["logits"]
     if torch.is_tensor(getattr(output, "logits", None)):
         return output.logits
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    raise TypeError(
-        f"{what} returned {type(output).__name__}; DistillationCallback needs the logits as a "
-        "tensor, a mapping with 'logits', an object with `.logits`, or a tuple whose first "
-        "element is the logits"
-    )
+    logits = first_tensor(output)
+    if logits is None:
+        raise TypeError(
+            f"{what} returned {type(output).__name__}; DistillationCallback needs the logits as "
+            "a tensor, a mapping with 'logits', an object with `.logits`, or a tuple whose first "
+            "element is the logits"
+        )
+    return logits
 
 
 def _leaves(tree: Any) -> list[Any]:
@@ -106,8 +114,12 @@ class TeacherMemo:
         self.limit = limit
         self.index: dict[tuple, int] = {}
         self.data: dict[str, torch.Tensor] = {}
-        self.hits = 0
-        self.misses = 0
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Restarts the counts of examples found (``hits``), not found (``misses``) and not
+        stored because the memo was full (``dropped``)."""
+        self.hits = self.misses = self.dropped = 0
 
     def __len__(self) -> int:
         return len(self.index)
@@ -133,6 +145,7 @@ class TeacherMemo:
         new = list(first.values())
         if self.limit is not None:
             new = new[: max(0, self.limit - len(self.index))]
+            self.dropped += len(first) - len(new)
         if not new:
             return
         size = len(self.index)
@@ -155,11 +168,6 @@ class TeacherMemo:
             self.data[name] = data
         for offset, i in enumerate(new):
             self.index[keys[i]] = size + offset
-
-    def clear(self) -> None:
-        self.index.clear()
-        self.data.clear()
-        self.hits = self.misses = 0
 
 
 def make_adapter(

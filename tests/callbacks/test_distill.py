@@ -1,5 +1,6 @@
 import copy
 import os
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -65,6 +66,23 @@ def test_bad_arguments_raise_in_init(kwargs, match):
     args = {"teacher": teacher_mlp(), **kwargs}
     with pytest.raises(ValueError, match=match):
         DistillationCallback(**args)
+
+
+def test_state_key_is_the_one_old_checkpoints_were_written_under():
+    assert DistillationCallback(teacher_mlp()).state_key == (
+        "DistillationCallback{'temperature': 4.0, 'alpha': 0.9, 'student': None}"
+    )
+    distill = DistillationCallback(teacher_mlp(), temperature=2, alpha=1, student="net")
+    assert distill.state_key == (
+        "DistillationCallback{'temperature': 2.0, 'alpha': 1.0, 'student': 'net'}"
+    )
+
+
+def test_settings_are_read_from_the_validated_config():
+    distill = DistillationCallback(teacher_mlp(), temperature=2, features=[("fc1", "fc1")])
+    assert distill.temperature == 2.0 and isinstance(distill.temperature, float)
+    assert distill.features == (("fc1", "fc1", 1.0),)
+    assert distill.config.precompute is False and distill.adapter_lr == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -387,11 +405,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, precompute):
         assert torch.allclose(value, resumed.adapters.state_dict()[key], atol=1e-6, rtol=0), key
 
 
+def test_state_has_a_version_and_newer_versions_are_refused(tmp_path):
+    _, distill, trainer = _resume_run(tmp_path, stop=1)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    state = torch.load(tmp_path / "mid.ckpt", weights_only=True)["callbacks"][distill.state_key]
+    assert state["version"] == 1
+    assert set(state) == {
+        "version",
+        "temperature",
+        "alpha",
+        "teacher_sha256",
+        "adapters",
+        "adapter_optimizer",
+    }
+    fresh = DistillationCallback(WideTeacher(), temperature=2.0, features=[("fc1", "fc1", 0.1)])
+    fresh.load_state_dict({k: v for k, v in state.items() if k != "version"})  # before versions
+    with pytest.raises(ValueError, match="has version 2; this release reads versions up to 1"):
+        fresh.load_state_dict({**state, "version": 2})
+
+
 def test_resume_with_another_teacher_warns(tmp_path):
     _, _, half = _resume_run(tmp_path / "half", stop=1)
     half.save_checkpoint(tmp_path / "mid.ckpt")
     distill = DistillationCallback(teacher_mlp(3), temperature=2.0)
-    distill.teacher_sha256 = None
     trainer = make_trainer(tmp_path, [distill], max_epochs=2)
     state = torch.load(tmp_path / "mid.ckpt", weights_only=True)
     key = next(k for k in state["callbacks"] if "DistillationCallback" in k)
@@ -407,7 +443,9 @@ def test_precompute_runs_the_teacher_only_in_the_first_epoch(tmp_path):
     teacher = CountingTeacher()
     twin = copy.deepcopy(teacher)
     pl.seed_everything(0)
-    memo_model, trainer = fit(tmp_path, [DistillationCallback(teacher, precompute=True)])
+    with warnings.catch_warnings():  # the first epoch's misses fill the memo: no warning
+        warnings.filterwarnings("error", message=".*not in the full memo")
+        memo_model, trainer = fit(tmp_path, [DistillationCallback(teacher, precompute=True)])
     assert len(teacher.calls) == 8  # 64 examples, batches of 8, first epoch only; 4 epochs ran
     assert trainer.global_step == 32
     assert float(trainer.callback_metrics["distill/memo_hit_rate"]) == 1.0
@@ -441,7 +479,7 @@ def test_precompute_warns_on_augmented_data_and_stays_bounded(tmp_path):
     distill = DistillationCallback(teacher, precompute=True)
     with pytest.warns(UserWarning, match="the training set is not fixed"):
         fit(tmp_path, [distill], model=AugmentedMLP(), max_epochs=3)
-    assert len(distill.memo) == 64  # never more examples than the dataset has
+    assert len(distill.distiller.memo) == 64  # never more examples than the dataset has
     assert len(teacher.calls) == 24  # every step ran the teacher: outputs stay correct
 
 
