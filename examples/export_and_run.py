@@ -19,8 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_compress import PruneCallback, QATCallback
-from lightning_compress.app.artifact import evaluate, latency
-from lightning_compress.export import load_into, pack, report
+from lightning_compress.export import evaluate, latency, load_into, pack, report
 from lightning_compress.zoo import ClassificationModule, LeNet300100, MNIST5k
 
 

@@ -1,7 +1,7 @@
 """Pruning and int8 quantization-aware training together, then the true integer weights.
 
 LeNet-300-100 loses 90% of its weights to gradual magnitude pruning while QATCallback trains it
-with int8 weights and activations; at the end `qat.quantized` holds int8 tensors and scales.
+with int8 weights and activations; at the end `qat.record` holds int8 tensors and scales.
 
     python examples/prune_and_quantize.py [--epochs 30] [--bits 8] [--fast]
 """
@@ -43,10 +43,9 @@ def main() -> None:
     data = MNIST5k(batch_size=64)
     trainer.fit(model, datamodule=data)
     (result,) = trainer.test(model, datamodule=data, verbose=False)
-    for name, entry in qat.quantized.items():
-        values = entry.get("q", entry.get("packed"))
-        nonzero = int(torch.count_nonzero(entry["q"])) if "q" in entry else "packed"
-        print(f"{name}: {tuple(entry['shape'])} -> {values.dtype}, non-zero integers {nonzero}")
+    for name, layer in qat.record.items():
+        nonzero = int(torch.count_nonzero(layer.values))
+        print(f"{name}: {tuple(layer.values.shape)} int{layer.bits}, non-zero integers {nonzero}")
     print(f"pruned + int{args.bits}: test accuracy {100 * result['test/acc']:.2f}%")
 
 

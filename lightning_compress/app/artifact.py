@@ -12,59 +12,21 @@ with ``weights_only=True``).
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from lightning_compress.app.build import build_module
-from lightning_compress.export import ArtifactError, load_into, pack, report
+from lightning_compress.callbacks import QATCallback
+from lightning_compress.export import ArtifactError, compare_packed, pack, report
 from lightning_compress.zoo import ClassificationModule
 
 ARTIFACT_NAME = "model.packed.safetensors"
 CHECKPOINT_NAME = "last.ckpt"
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) over a DataLoader of (x, y) batches."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(dim=-1) == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
-@torch.no_grad()
-def latency(
-    models: dict[str, nn.Module], example: torch.Tensor, batches: list[int], reps: int = 15
-) -> dict[str, dict[int, float]]:
-    """Median milliseconds per forward, per model and batch size, the models taking turns."""
-    out: dict[str, dict[int, float]] = {name: {} for name in models}
-    for batch in batches:
-        x = example[:1].expand(batch, *example.shape[1:]).contiguous()
-        times: dict[str, list[float]] = {name: [] for name in models}
-        calls = max(1, 256 // batch)  # enough calls per sample to rise above the timer's noise
-        for rep in range(reps + 2):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    model(x)
-                if rep >= 2:  # two warm-up rounds
-                    times[name].append((time.perf_counter() - start) / calls)
-        for name in models:
-            out[name][batch] = 1e3 * statistics.median(times[name])
-    return out
 
 
 def load_run(
@@ -88,7 +50,9 @@ def load_run(
     return cfg, datamodule, module, checkpoint
 
 
-def restored_qat(cfg: DictConfig, module: ClassificationModule, checkpoint: dict) -> Any:
+def restored_qat(
+    cfg: DictConfig, module: ClassificationModule, checkpoint: dict
+) -> QATCallback | None:
     """The run's QATCallback with its checkpointed state, integers rebuilt; None without QAT."""
     if not cfg.get("qat"):
         return None
@@ -109,14 +73,13 @@ def export(run_dir: Path, ckpt: Path | None, out: Path | None, bits: int) -> Pat
 
 def bench(run_dir: Path, artifact: Path | None, batches: list[int], reps: int) -> dict:
     _, datamodule, module, _ = load_run(run_dir)
-    dense = module.net
-    packed = load_into(copy.deepcopy(dense), artifact or run_dir / ARTIFACT_NAME)
-    loader = datamodule.test_dataloader()
-    example = next(iter(loader))[0]
-    times = latency({"dense": dense, "packed": packed}, example, batches, reps)
+    measured = compare_packed(
+        module.net, artifact or run_dir / ARTIFACT_NAME, datamodule.test_dataloader(), batches, reps
+    )
+    times = measured.latency_ms
     result = {
-        "dense_acc": evaluate(dense, loader),
-        "packed_acc": evaluate(packed, loader),
+        "dense_acc": measured.reference_acc,
+        "packed_acc": measured.packed_acc,
         "latency_ms": times,
     }
     print(

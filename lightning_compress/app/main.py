@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -20,10 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from safetensors.torch import save_file
 
-from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME, evaluate, latency
+from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
 from lightning_compress.app.build import Job, build_job
 from lightning_compress.callbacks import QATCallback
-from lightning_compress.export import load_into, pack
+from lightning_compress.export import compare_packed, pack
 from lightning_compress.targets import default_weights
 
 log = logging.getLogger(__name__)
@@ -116,28 +115,25 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     """Packs the trained network, reloads it into a copy with the compiled kernels, evaluates the
     copy on the test split and times it against the network with its fp32 weights."""
-    qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.quantized), None)
+    qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.record), None)
     net = job.module.net
     path = pack(net, output_dir / ARTIFACT_NAME, qat=qat, bits=export.get("bits", 8))
-    packed = load_into(copy.deepcopy(net), path)
-    loader = job.datamodule.test_dataloader()
-    example = next(iter(loader))[0]
-    batches = [int(b) for b in export.get("latency_batches", [1, 256])]
-    if qat is not None:  # the model as trained: fake-quantized weights and activations
-        qat.layers.install()
-    try:
-        reference = evaluate(net, loader)
-    finally:
-        if qat is not None:
-            qat.layers.remove()
+    measured = compare_packed(
+        net,
+        path,
+        job.datamodule.test_dataloader(),
+        [int(b) for b in export.get("latency_batches", [1, 256])],
+        # The model as trained: fake-quantized weights and activations.
+        reference=qat.layers.installed() if qat is not None and qat.layers is not None else None,
+    )
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
         "quantization": "qat" if qat is not None else f"post-training int{export.get('bits', 8)}",
-        "test_acc": evaluate(packed, loader),
+        "test_acc": measured.packed_acc,
         # The same test split through the unpacked network: fake-quantized after QAT, else fp32.
-        "reference_acc": reference,
-        "latency_ms": latency({"dense": net, "packed": packed}, example, batches),
+        "reference_acc": measured.reference_acc,
+        "latency_ms": measured.latency_ms,
     }
 
 

@@ -8,17 +8,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.callbacks._configured import ConfiguredCallback
 from lightning_compress.callbacks._side_optimizer import averaged_step
-from lightning_compress.clock import parse_step, resolve_steps
+from lightning_compress.clock import resolve_steps
+from lightning_compress.quantization.config import QATConfig
 from lightning_compress.quantization.fake import (
+    channel_view,
     lsq_init_step,
-    pack_int4,
-    quantize_weight,
     weight_qmax,
     weight_scale,
 )
@@ -26,23 +26,23 @@ from lightning_compress.quantization.layers import (
     BN_TYPES,
     FakeQuantLayers,
     conv_bn_pairs,
-    fold_scale,
+    split_name,
 )
+from lightning_compress.quantization.record import CompressionRecord
 from lightning_compress.targets import match_overrides, resolve_weights
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ste", "lsq")
 
-
-class QATCallback(Callback):
+class QATCallback(ConfiguredCallback):
     """Fake-quantizes weights (and activations) while training; converts to integers at the end.
 
     Weights are quantized per output channel, symmetrically with zero-point 0, so weights a
     PruneCallback zeroed quantize to exactly 0 in either callback order, and scales come from
     the surviving weights. Activations (layer outputs) are quantized per tensor to 8 bits with
     moving-average min/max observers. Parameter names and the model's ``forward`` are untouched:
-    the quantization lives in forward hooks that this callback installs and removes.
+    the quantization lives in forward hooks that this callback installs and removes. At the end
+    of ``fit`` (or after :meth:`attach`), :attr:`record` holds the true integers for export.
 
     Args:
         bits: Weight bits, 2 to 8.
@@ -65,6 +65,8 @@ class QATCallback(Callback):
         ValueError: An argument out of range or an unknown name.
     """
 
+    config: QATConfig
+
     def __init__(
         self,
         bits: int = 8,
@@ -79,50 +81,28 @@ class QATCallback(Callback):
         overrides: dict[str, int] | None = None,
         lsq_lr: float = 1e-3,
     ) -> None:
-        for where, value in [
-            ("bits", bits),
-            *((f"overrides[{k!r}]", v) for k, v in (overrides or {}).items()),
-        ]:
-            if not isinstance(value, int) or not 2 <= value <= 8:
-                raise ValueError(f"`{where}` must be an integer in [2, 8], got {value!r}")
-        if activations not in (None, 0, 8):
-            raise ValueError(f"`activations` must be 8 or None (float), got {activations!r}")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-        self.bits = bits
-        self.start = parse_step(start, "start")
-        self.activations = activations or None
-        self.method = method
-        self.freeze_observers = (
-            None if freeze_observers is None else parse_step(freeze_observers, "freeze_observers")
+        self.config = QATConfig(
+            bits=bits,
+            start=start,
+            activations=activations,
+            method=method,
+            freeze_observers=freeze_observers,
+            freeze_bn=freeze_bn,
+            fold_bn=fold_bn,
+            include=include,
+            exclude=exclude,
+            overrides=overrides,
+            lsq_lr=lsq_lr,
         )
-        self.freeze_bn = None if freeze_bn is None else parse_step(freeze_bn, "freeze_bn")
-        for arg, step in (
-            ("freeze_observers", self.freeze_observers),
-            ("freeze_bn", self.freeze_bn),
-        ):
-            if step is not None and step.unit == self.start.unit and step.value < self.start.value:
-                raise ValueError(f"`{arg}`={step} is before `start`={self.start}")
-        self.fold_bn = fold_bn
-        self.include = include
-        self.exclude = exclude
-        self.overrides = dict(overrides or {})
-        if lsq_lr <= 0:
-            raise ValueError(f"`lsq_lr` must be > 0, got {lsq_lr}")
-        self.lsq_lr = lsq_lr
         self._step_optimizer: torch.optim.Optimizer | None = None
         self._hook_handles: list[Any] = []
         self.targets: dict[str, int] = {}
         self.layers: FakeQuantLayers | None = None
-        self.quantized: dict[str, dict[str, Any]] = {}
+        # The integers of the last conversion (end of fit, or attach); what `pack` consumes.
+        self.record: CompressionRecord | None = None
         self._steps: dict[str, int | None] = {}
         self._loaded: dict[str, Any] | None = None
         self._bns: list[nn.Module] = []
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(bits=self.bits, include=self.include, exclude=self.exclude)
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -150,8 +130,8 @@ class QATCallback(Callback):
             step = self._steps[arg]
             if step is not None and step < self._steps["start"]:
                 raise ValueError(
-                    f"`{arg}`={getattr(self, arg)} ({step} steps) is before `start`={self.start} "
-                    f"({self._steps['start']} steps)"
+                    f"`{arg}`={getattr(self.config, arg)} ({step} steps) is before "
+                    f"`start`={self.start} ({self._steps['start']} steps)"
                 )
         self._restore()
         self._phase(trainer.global_step, training=True)
@@ -194,7 +174,7 @@ class QATCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layers is not None and self.layers.enabled:
-            self.quantized = self.convert()
+            self.record = self.convert()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -208,7 +188,7 @@ class QATCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         layers = self.layers
         state: dict[str, Any] = {
-            "version": 1,
+            "version": self.config.VERSION,
             "enabled": bool(layers.enabled) if layers else False,
             "observers": {n: o.state_dict() for n, o in layers.observers.items()} if layers else {},
         }
@@ -242,12 +222,7 @@ class QATCallback(Callback):
         folds = {}
         if self.fold_bn is not False:
             folds = {c: b for c, b in pairs.items() if f"{c}.weight" in self.targets}
-        modules = dict(pl_module.named_modules())
-        self._bns = [m for m in modules.values() if isinstance(m, BN_TYPES)]
-        if any(isinstance(m, nn.MultiheadAttention) for m in modules.values()):
-            # The fused attention fast path reads the weights without calling the module, so
-            # its hooks (and the quantization) would be skipped in eval; keep the reference path.
-            torch.backends.mha.set_fastpath_enabled(False)
+        self._bns = [m for m in pl_module.modules() if isinstance(m, BN_TYPES)]
         if self.layers is not None:
             self.layers.remove()
         self.layers = FakeQuantLayers(pl_module, self.targets, folds, self.activations)
@@ -281,7 +256,7 @@ class QATCallback(Callback):
             with torch.no_grad():
                 self._init_steps(
                     {
-                        name: lsq_init_step(self.layers.folded_weight(*_split(name))[0], bits)
+                        name: lsq_init_step(self.layers.folded_weight(*split_name(name))[0], bits)
                         for name, bits in self.targets.items()
                     }
                 )
@@ -335,7 +310,7 @@ class QATCallback(Callback):
                 steps); without it, activation ranges are unknown and steps are the default.
 
         Returns:
-            ``self``, with :attr:`quantized` filled and no hooks left on the model.
+            ``self``, with :attr:`record` filled and no hooks left on the model.
         """
         self._install(pl_module)
         assert self.layers is not None
@@ -344,38 +319,21 @@ class QATCallback(Callback):
                 self.load_state_dict(state)
                 self._restore()
             self.layers.enabled = True
-            self.quantized = self.convert()
+            self.record = self.convert()
         finally:
             self.layers.remove()
         return self
 
-    def convert(self) -> dict[str, dict[str, Any]]:
+    def convert(self) -> CompressionRecord:
         """True integer weights of the quantized layers, as the fake-quantized model uses them.
 
         Returns:
-            Per weight name: ``q`` (int8, or int4 packed two per byte in ``packed``), ``scale``
-            (float32 per output channel), ``bits``, ``shape`` and, for a weight folded with its
-            BatchNorm, ``fold`` (the per-channel factor: the layer's weight is q * scale / fold).
+            One :class:`~lightning_compress.quantization.QuantizedLayer` per weight, named as in
+            the trained module: int8 values, float32 scales per output channel (a folded
+            BatchNorm's factor already divided out), bits and the output's activation range.
         """
         assert self.layers is not None
-        out = {}
-        modules = dict(self.layers.model.named_modules())
-        for name, bits in self.targets.items():
-            owner, _, leaf = name.rpartition(".")
-            weight = modules[owner]._parameters[leaf].detach()
-            entry: dict[str, Any] = {"bits": bits, "shape": list(weight.shape)}
-            if owner in self.layers.bns and leaf == "weight":
-                fold = fold_scale(self.layers.bns[owner]).view(-1, *([1] * (weight.dim() - 1)))
-                weight = weight * fold
-                entry["fold"] = fold.reshape(-1).float().cpu()
-            q, scale = quantize_weight(weight, bits, self.layers.steps.get(name))
-            entry["scale"] = scale.cpu()
-            if bits <= 4:
-                entry["packed"] = pack_int4(q.cpu())
-            else:
-                entry["q"] = q.cpu()
-            out[name] = entry
-        return out
+        return self.layers.convert()
 
     def _log_stats(self, trainer: pl.Trainer) -> None:
         if self.layers is None or not self.layers.enabled:
@@ -383,10 +341,10 @@ class QATCallback(Callback):
         metrics: dict[str, float] = {}
         with torch.no_grad():
             for name, bits in self.targets.items():
-                weight, _ = self.layers.folded_weight(*_split(name))
+                weight, _ = self.layers.folded_weight(*split_name(name))
                 step = self.layers.steps.get(name)
                 scale = weight_scale(weight, bits) if step is None else step.detach()
-                limit = weight_qmax(bits) * scale.view(-1, *([1] * (weight.dim() - 1)))
+                limit = weight_qmax(bits) * channel_view(scale, weight)
                 metrics[f"qat/bits/{name}"] = float(bits)
                 metrics[f"qat/scale_mean/{name}"] = float(scale.mean())
                 # Weights beyond the largest integer (LSQ steps can clip; range scales cannot).
@@ -405,8 +363,3 @@ class QATCallback(Callback):
             len(self.targets),
             sorted(set(self.targets.values())),
         )
-
-
-def _split(name: str) -> tuple[str, str]:
-    owner, _, leaf = name.rpartition(".")
-    return owner, leaf

@@ -2,30 +2,40 @@
 
 ``pack(model, path, qat=...)`` writes the artifact, ``load_into(model, path)`` swaps the model's
 layers for :class:`PackedLinear` / :class:`PackedConv2d` and loads the weights, ``report(path)``
-tabulates sizes per layer. Format: :mod:`lightning_compress.export.artifact`.
+tabulates sizes per layer, ``compare_packed`` scores and times the reloaded artifact against its
+network. Format: :mod:`lightning_compress.export.artifact`.
 """
 
 from lightning_compress.export.artifact import (
     FORMAT_VERSION,
+    PACKERS,
     ArtifactError,
     Report,
     load_into,
     pack,
     packable_layers,
+    packer,
     read,
     report,
 )
+from lightning_compress.export.measure import PackedComparison, compare_packed, evaluate, latency
 from lightning_compress.export.modules import PackedConv2d, PackedLinear
 
 __all__ = [
     "FORMAT_VERSION",
+    "PACKERS",
     "ArtifactError",
+    "PackedComparison",
     "PackedConv2d",
     "PackedLinear",
     "Report",
+    "compare_packed",
+    "evaluate",
+    "latency",
     "load_into",
     "pack",
     "packable_layers",
+    "packer",
     "read",
     "report",
 ]

@@ -17,6 +17,11 @@ layout, counts, convolution geometry, activation range) and ``checksum``: SHA-25
 and every tensor's name, dtype, shape and bytes. Loading parses the header itself, reads tensors
 with safetensors (which never unpickles), verifies the checksum and matches every layer against
 the target model before anything in the model changes.
+
+Writing takes a :class:`~lightning_compress.quantization.CompressionRecord` (the one a
+``QATCallback`` made, or post-training integers) and stores each layer record with the packer
+registered for its type (:func:`packer`, :data:`PACKERS`): a new kind of compressed layer is a
+new record class and one packer.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -38,7 +44,14 @@ from torch import nn
 
 from lightning_compress.export import positions
 from lightning_compress.export.modules import PackedConv2d, PackedLinear, conv_params, packable
-from lightning_compress.quantization.fake import pack_int4, quantize_weight, unpack_int4
+from lightning_compress.quantization import (
+    CompressionRecord,
+    LayerRecord,
+    QuantizedLayer,
+    RecordSource,
+    pack_int4,
+    unpack_int4,
+)
 
 FORMAT = "lightning-compress"
 FORMAT_VERSION = 1
@@ -85,45 +98,34 @@ def packable_layers(model: nn.Module, exclude: list[str] | None = None) -> dict[
     }
 
 
-def _qat_prefix(qat: Any, model: nn.Module) -> str:
-    """Name of ``model`` inside the module the QATCallback trained ("" if the same), plus a dot."""
-    root = getattr(getattr(qat, "layers", None), "model", None)
-    if root is None or root is model:
-        return ""
-    for name, module in root.named_modules():
-        if module is model:
-            return f"{name}." if name else ""
-    raise ValueError("`model` is not part of the module the QATCallback quantized")
-
-
-def _layer_integers(
-    name: str, module: nn.Module, qat: Any, bits: int | None
-) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(q, scale, bits) of a layer's weight (``name`` as QAT saw it), or None to leave it fp32."""
-    key = f"{name}.weight"
-    if qat is not None:
-        entry = getattr(qat, "quantized", {}).get(key)
-        if entry is None:
-            return None
-        shape = tuple(entry["shape"])
-        q = entry["q"] if "q" in entry else unpack_int4(entry["packed"], shape)
-        scale = entry["scale"].float()
-        if "fold" in entry:  # weight = q * scale / fold (BatchNorm folded into the scale)
-            scale = scale / entry["fold"].float()
-        return q.reshape(shape), scale, int(entry["bits"])
-    if bits is None:
-        return None
-    q, scale = quantize_weight(module.weight.detach().cpu(), bits)
-    return q, scale, bits
-
-
-def _activation_range(name: str, qat: Any) -> dict[str, Any] | None:
-    layers = getattr(qat, "layers", None)
-    observer = getattr(layers, "observers", {}).get(name) if layers is not None else None
-    if observer is None or not observer.initialized:
-        return None
-    scale, zero_point = observer.qparams()
-    return {"scale": float(scale), "zero_point": int(zero_point), "bits": int(observer.bits)}
+def _record(
+    model: nn.Module,
+    qat: CompressionRecord | RecordSource | None,
+    bits: int | None,
+    layers: dict[str, nn.Module],
+) -> CompressionRecord:
+    """What to pack: the record QAT made (named as in ``model``), or post-training integers."""
+    if qat is None:
+        if bits is None:
+            return CompressionRecord(())
+        return CompressionRecord(
+            QuantizedLayer.from_weight(f"{name}.weight", module.weight.detach().cpu(), bits)
+            for name, module in layers.items()
+        )
+    if isinstance(qat, CompressionRecord):
+        record = qat
+    elif isinstance(qat, RecordSource):
+        record = qat.record
+    else:
+        raise TypeError(
+            f"`qat` must be a QATCallback or a CompressionRecord, got {type(qat).__name__}"
+        )
+    if not record:
+        raise ValueError(
+            "`qat` holds no integer weights: pass the QATCallback after trainer.fit (or after "
+            "its attach() on a restored model), or the record its convert() returns"
+        )
+    return record.relative_to(model)
 
 
 def checksum(layers_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -139,7 +141,7 @@ def pack(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    qat: Any = None,
+    qat: CompressionRecord | RecordSource | None = None,
     bits: int | None = 8,
     exclude: list[str] | None = None,
 ) -> Path:
@@ -148,33 +150,32 @@ def pack(
     Args:
         model: The trained model (a LightningModule or any nn.Module), pruned weights as zeros.
         path: File to write (``.safetensors``); written to a temporary name, then renamed.
-        qat: The ``QATCallback`` that trained the model: its integers, scales (BatchNorm folded)
-            and activation ranges are stored, so the packed model computes what the
-            fake-quantized model computed. Layers it did not quantize stay fp32.
+        qat: The ``QATCallback`` that trained the model (its :attr:`record`), or a
+            :class:`~lightning_compress.quantization.CompressionRecord` named as in ``model``
+            or in a module ``model`` is part of: its integers, scales (BatchNorm folded) and
+            activation ranges are stored, so the packed model computes what the fake-quantized
+            model computed. Layers it did not quantize stay fp32.
         bits: Without ``qat``: per-channel post-training quantization of every packable layer to
             8 or 4 bits; None leaves them fp32.
         exclude: Module-name patterns to leave uncompressed.
+
+    Raises:
+        ValueError: ``bits`` not 8, 4 or None; a ``qat`` without integers; a ``model`` outside
+            the module the record was taken from; a record kind no packer handles.
+        TypeError: ``qat`` neither a record nor something holding one.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"`bits` must be 8, 4 or None, got {bits!r}")
-    if qat is not None and not getattr(qat, "quantized", None):
-        raise ValueError(
-            "`qat` holds no integer weights: pass the QATCallback after trainer.fit "
-            "(or call its attach()/convert() on a restored model)"
-        )
+    layers = packable_layers(model, exclude)
+    record = _record(model, qat, bits, layers)
     tensors: dict[str, torch.Tensor] = {}
     table: list[dict[str, Any]] = []
     packed_keys: set[str] = set()
-    prefix = _qat_prefix(qat, model) if qat is not None else ""
-    for name, module in packable_layers(model, exclude).items():
-        found = _layer_integers(prefix + name, module, qat, bits)
-        if found is None:
+    for name, module in layers.items():
+        layer = record.get(f"{name}.weight")
+        if layer is None:
             continue
-        q, scale, layer_bits = found
-        q2d = q.reshape(q.shape[0], -1).to(torch.int8)
-        entry = _pack_layer(name, module, q2d, scale, layer_bits, tensors)
-        entry["act"] = _activation_range(prefix + name, qat) if qat is not None else None
-        table.append(entry)
+        table.append(_packer(layer)(name, module, layer, tensors))
         packed_keys.update({f"{name}.weight", f"{name}.bias"})
     for key, value in model.state_dict().items():
         if key not in packed_keys:
@@ -195,15 +196,40 @@ def pack(
     return path
 
 
-def _pack_layer(
-    name: str,
-    module: nn.Module,
-    q2d: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    tensors: dict[str, torch.Tensor],
+Packer = Callable[[str, nn.Module, Any, dict[str, torch.Tensor]], dict[str, Any]]
+"""``(module name, module, layer record, tensors) -> layer table entry``; adds the tensors."""
+
+PACKERS: dict[type[LayerRecord], Packer] = {}
+R = TypeVar("R", bound=Packer)
+
+
+def packer(kind: type[LayerRecord]) -> Callable[[R], R]:
+    """Registers the function that stores one kind of layer record in the artifact."""
+
+    def register(fn: R) -> R:
+        PACKERS[kind] = fn
+        return fn
+
+    return register
+
+
+def _packer(layer: LayerRecord) -> Packer:
+    try:
+        return PACKERS[type(layer)]
+    except KeyError:
+        raise ValueError(
+            f"no packer for {layer.name!r}, a {type(layer).__name__} (kind {layer.kind!r}); "
+            f"packers: {sorted(k.__name__ for k in PACKERS)}"
+        ) from None
+
+
+@packer(QuantizedLayer)
+def _pack_integers(
+    name: str, module: nn.Module, layer: QuantizedLayer, tensors: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
+    """Integers and per-channel scales, dense or Rice-coded sparse, int8 or nibble-packed int4."""
     prefix = f"packed/{name}/"
+    q2d = layer.values.reshape(layer.values.shape[0], -1)
     flat = q2d.reshape(-1)
     nz = flat.nonzero().reshape(-1)
     sparse = nz.numel() <= SPARSE_MAX_DENSITY * max(flat.numel(), 1)
@@ -212,7 +238,7 @@ def _pack_layer(
         "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
         "weight_shape": list(module.weight.shape),
         "shape": list(q2d.shape),
-        "bits": bits,
+        "bits": layer.bits,
         "layout": "sparse" if sparse else "dense",
         "nnz": int(nz.numel()),
         "bias": module.bias is not None,
@@ -221,15 +247,21 @@ def _pack_layer(
         entry["conv"] = conv_params(module)
     values = flat[nz] if sparse else flat
     tensors[prefix + ("values" if sparse else "qweight")] = (
-        pack_int4(values) if bits == 4 else values.contiguous()
+        pack_int4(values) if layer.bits == 4 else values.contiguous()
     )
     if sparse:
         unary, low, k, unary_bits = positions.encode(nz)
         tensors[prefix + "unary"], tensors[prefix + "low"] = unary, low
         entry.update(k=k, unary_bits=unary_bits)
-    tensors[prefix + "scale"] = scale.float().contiguous().cpu()
+    tensors[prefix + "scale"] = layer.scale.float().contiguous().cpu()
     if module.bias is not None:
         tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
+    act = layer.activation
+    entry["act"] = (
+        None
+        if act is None
+        else {"scale": act.scale, "zero_point": act.zero_point, "bits": act.bits}
+    )
     return entry
 
 

@@ -11,11 +11,13 @@ gradient of clipped values).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from lightning_compress.ops import fake_quant_rows
+from lightning_compress.ops.packed import pack_rows_int4, unpack_rows_int4
 
 EPS = 1e-12
 
@@ -29,6 +31,17 @@ def weight_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel scale: max |w| of the channel over ``weight_qmax(bits)`` (float32)."""
     peak = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1).float()
     return peak.clamp_min(EPS) / weight_qmax(bits)
+
+
+def channel_view(per_channel: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``per_channel`` [C] shaped [C, 1, ...] to broadcast over ``like``'s output channels."""
+    return per_channel.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _levels(weight: torch.Tensor, scale_view: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round(w / s), -qmax, qmax)``, ``s`` per channel as :func:`channel_view` has it."""
+    qmax = weight_qmax(bits)
+    return torch.div(weight.detach(), scale_view).round_().clamp_(-qmax, qmax)
 
 
 class _RoundToGrid(torch.autograd.Function):
@@ -46,10 +59,8 @@ class _RoundToGrid(torch.autograd.Function):
         if scale is None and weight.dtype == torch.float32 and weight.device.type == "cpu":
             return fake_quant_rows(weight.detach(), bits)[0]
         scale = weight_scale(weight, bits) if scale is None else scale
-        view = scale.to(device=weight.device, dtype=weight.dtype)
-        view = view.view(-1, *([1] * (weight.dim() - 1)))
-        out = torch.div(weight.detach(), view)
-        return out.round_().clamp_(-weight_qmax(bits), weight_qmax(bits)).mul_(view)
+        view = channel_view(scale.to(device=weight.device, dtype=weight.dtype), weight)
+        return _levels(weight, view, bits).mul_(view)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -105,33 +116,27 @@ def quantize_weight(
         ``(q, scale)``: int8 integers of ``weight``'s shape, float32 scales of shape [C].
     """
     scale = weight_scale(weight, bits) if scale is None else scale.detach().float()
-    view = scale.view(-1, *([1] * (weight.dim() - 1))).to(weight.device)
-    qmax = weight_qmax(bits)
-    q = torch.clamp(torch.round(weight.detach().float() / view), -qmax, qmax).to(torch.int8)
-    return q, scale
+    view = channel_view(scale.to(weight.device), weight)
+    return _levels(weight.detach().float(), view, bits).to(torch.int8), scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Packs int8 values in [-8, 7] two per byte (low nibble first) into a flat uint8 tensor."""
+    """Packs int8 values in [-8, 7] two per byte (low nibble first) into a flat uint8 tensor.
+
+    The flat layout is the kernels' row layout
+    (:func:`~lightning_compress.ops.packed.pack_rows_int4`) of one row holding every value.
+    """
     if q.dtype != torch.int8:
         raise TypeError(f"pack_int4: `q` must be int8, got {q.dtype}")
-    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
-        raise ValueError("pack_int4: values must lie in [-8, 7]")
-    flat = (q.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
+    return pack_rows_int4(q.reshape(1, -1)).reshape(-1)
 
 
 def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 values of ``shape``."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"unpack_int4: need {(n + 1) // 2} uint8 bytes for {shape}")
-    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:n].to(torch.int16)
-    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8).view(shape)
+    return unpack_rows_int4(packed.reshape(1, -1), n).view(shape)
 
 
 class ActivationObserver:

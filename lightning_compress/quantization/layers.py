@@ -15,6 +15,8 @@ the integers are those of the folded layer.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,8 +24,14 @@ from torch import nn
 
 from lightning_compress.quantization.fake import (
     ActivationObserver,
+    channel_view,
     fake_quant_weight,
     lsq_fake_quant_weight,
+)
+from lightning_compress.quantization.record import (
+    ActivationRange,
+    CompressionRecord,
+    QuantizedLayer,
 )
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,6 +50,12 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
         ):
             pairs[name] = next_name
     return pairs
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"net.fc1.weight"`` -> ``("net.fc1", "weight")``: the owning module and the leaf."""
+    owner, _, leaf = name.rpartition(".")
+    return owner, leaf
 
 
 def fold_scale(bn: nn.Module) -> torch.Tensor:
@@ -76,7 +90,7 @@ class FakeQuantLayers:
         modules = dict(model.named_modules())
         self.by_module: dict[str, list[str]] = {}
         for name in bits:
-            owner, _, leaf = name.rpartition(".")
+            owner, leaf = split_name(name)
             self.by_module.setdefault(owner, []).append(leaf)
         self.modules = {m: modules[m] for m in self.by_module}
         self.bns = {conv: modules[bn] for conv, bn in folds.items()}
@@ -89,19 +103,46 @@ class FakeQuantLayers:
         self.batch_ranges: dict[str, torch.Tensor] = {}  # per layer: (-min, max) of the batch
         self._saved: dict[tuple[str, str], nn.Parameter] = {}
         self._handles: list[Any] = []
+        self._attention = any(isinstance(m, nn.MultiheadAttention) for m in modules.values())
+        self._fastpath: bool | None = None  # the process-wide flag as it was before install
 
     def install(self) -> None:
+        """Puts the hooks on the targeted layers (again a no-op while they are on)."""
         if self._handles:
             return
+        if self._attention:
+            # The fused attention fast path reads the weights without calling the module, so
+            # the hooks (and the quantization) would be skipped in eval: keep the reference path
+            # while the hooks are on, and give the process its setting back when they come off.
+            self._fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
 
     def remove(self) -> None:
+        """Takes the hooks off and puts back the parameters and the attention fast-path flag."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._restore_all()
+        if self._fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
+
+    @contextmanager
+    def installed(self) -> Iterator[FakeQuantLayers]:
+        """The model computes as it trains (fake-quantized) inside the block.
+
+        Hooks that were already on stay on afterwards; hooks this installed come off.
+        """
+        was_installed = bool(self._handles)
+        self.install()
+        try:
+            yield self
+        finally:
+            if not was_installed:
+                self.remove()
 
     def folded_weight(
         self, module_name: str, leaf: str
@@ -109,7 +150,7 @@ class FakeQuantLayers:
         """The weight as it is quantized (BN folded in where paired) and the fold factor."""
         weight = self.modules[module_name]._parameters[leaf]
         if module_name in self.bns and leaf == "weight":
-            fold = fold_scale(self.bns[module_name]).view(-1, *([1] * (weight.dim() - 1)))
+            fold = channel_view(fold_scale(self.bns[module_name]), weight)
             return weight * fold, fold
         return weight, None
 
@@ -123,6 +164,27 @@ class FakeQuantLayers:
         else:
             quantized = lsq_fake_quant_weight(weight, self.bits[name], step)
         return quantized if fold is None else quantized / fold
+
+    @torch.no_grad()
+    def convert(self) -> CompressionRecord:
+        """The true integers of the targeted weights, as the fake-quantized forward uses them.
+
+        Returns:
+            One :class:`QuantizedLayer` per targeted weight (BatchNorm fold divided out of the
+            scale, the owning layer's activation range where observed), named in ``model``.
+        """
+        layers = []
+        for name, bits in self.bits.items():
+            owner, leaf = split_name(name)
+            weight, fold = self.folded_weight(owner, leaf)
+            observer = self.observers.get(owner)
+            activation = None if observer is None else ActivationRange.from_observer(observer)
+            layers.append(
+                QuantizedLayer.from_weight(
+                    name, weight, bits, step=self.steps.get(name), fold=fold, activation=activation
+                )
+            )
+        return CompressionRecord(layers, root=self.model)
 
     def _pre(self, name: str):
         def hook(module: nn.Module, args: Any) -> None:

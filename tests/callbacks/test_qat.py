@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_compress import PruneCallback, QATCallback
-from lightning_compress.quantization import quantize_weight, unpack_int4, weight_qmax
+from lightning_compress.clock import Step
+from lightning_compress.export import pack, read
+from lightning_compress.quantization import QuantizedLayer, quantize_weight, weight_qmax
 from lightning_compress.quantization.layers import conv_bn_pairs
 from lightning_compress.zoo import BNConvNet
 
@@ -48,19 +50,36 @@ class TinyBNConv(pl.LightningModule):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"bits": 1}, r"`bits` must be an integer in \[2, 8\], got 1"),
         ({"bits": 9}, r"`bits` must be an integer in \[2, 8\], got 9"),
-        ({"overrides": {"fc3": 16}}, r"`overrides\['fc3'\]` must be an integer in \[2, 8\]"),
-        ({"activations": 4}, "`activations` must be 8 or None"),
-        ({"method": "sgd"}, r"`method` must be one of \(.ste., .lsq.\), got .sgd."),
-        ({"lsq_lr": 0}, "`lsq_lr` must be > 0"),
-        ({"start": "2ep", "freeze_observers": "1ep"}, "`freeze_observers`=1ep is before"),
         ({"start": "2ep", "freeze_bn": "1ep"}, "`freeze_bn`=1ep is before"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, match):
+    # Every rule is QATConfig's (tests/quantization/test_config.py); the callback builds one.
     with pytest.raises(ValueError, match=match):
         QATCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({}, "QATCallback{'bits': 8, 'include': None, 'exclude': None}"),
+        (
+            {"bits": 4, "include": ["fc*"], "exclude": "fc3", "start": "1ep", "lsq_lr": 0.1},
+            "QATCallback{'bits': 4, 'include': ['fc*'], 'exclude': 'fc3'}",
+        ),
+        ({"include": ("a", "b")}, "QATCallback{'bits': 8, 'include': ('a', 'b'), 'exclude': None}"),
+    ],
+)
+def test_state_key_is_the_one_old_checkpoints_hold(kwargs, key):
+    assert QATCallback(**kwargs).state_key == key
+
+
+def test_settings_are_the_validated_config():
+    qat = QATCallback(start="2ep", activations=0, freeze_bn=10, overrides={"fc3": 8})
+    assert qat.config.start == Step(2, "ep") and qat.start == Step(2, "ep")
+    assert qat.activations is None and qat.freeze_bn == Step(10, "it")
+    assert qat.overrides == {"fc3": 8} and qat.freeze_observers is None
 
 
 @pytest.mark.parametrize(
@@ -106,7 +125,7 @@ def test_forward_uses_per_channel_symmetric_fake_quantized_weights(tmp_path):
 def test_converted_integers_reproduce_the_fake_quantized_model(tmp_path):
     qat = QATCallback(bits=8, activations=None)
     model, _ = fit(tmp_path, [qat], max_epochs=2)
-    assert set(qat.quantized) == set(WEIGHTS)  # converted at the end of fit
+    assert set(qat.record) == set(WEIGHTS)  # converted at the end of fit
     x = torch.randn(7, 32)
     qat.layers.install()
     qat.layers.enabled = True
@@ -114,10 +133,10 @@ def test_converted_integers_reproduce_the_fake_quantized_model(tmp_path):
     qat.layers.remove()
     dequant = copy.deepcopy(model)
     with torch.no_grad():
-        for name, entry in qat.quantized.items():
-            assert entry["q"].dtype == torch.int8
-            weight = entry["q"].float() * entry["scale"][:, None]
-            step = entry["scale"][:, None]
+        for name, layer in qat.record.items():
+            assert isinstance(layer, QuantizedLayer) and layer.values.dtype == torch.int8
+            weight = layer.dequantize()
+            step = layer.scale[:, None]
             original = model.get_parameter(name).detach()
             assert torch.all((weight - original).abs() <= step / 2 + 1e-7)  # within half a step
             dequant.get_parameter(name).copy_(weight)
@@ -152,8 +171,33 @@ def test_keyword_forward_attention_bn_and_dict_batches(tmp_path):
     trainer.fit(model)
     assert "encoder.self_attn.in_proj_weight" in qat.targets
     assert qat.layers.observers["encoder.self_attn"].initialized
-    assert torch.backends.mha.get_fastpath_enabled() is False
-    torch.backends.mha.set_fastpath_enabled(True)
+
+
+class FastPathProbe(pl.Callback):
+    """Records the attention fast-path flag while the model trains and validates."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.add(torch.backends.mha.get_fastpath_enabled())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen.add(torch.backends.mha.get_fastpath_enabled())
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_attention_fast_path_is_off_while_quantizing_and_restored_after(tmp_path, before):
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(before)
+    try:
+        probe = FastPathProbe()
+        trainer = make_trainer(tmp_path, [QATCallback(bits=8), probe], max_epochs=1)
+        trainer.fit(TinyTransformer())
+        assert probe.seen == {False}  # the hooks must see every attention call
+        assert torch.backends.mha.get_fastpath_enabled() is before
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 # -- with pruning ----------------------------------------------------------------------------------
@@ -167,12 +211,11 @@ def test_pruned_weights_quantize_to_exact_zero_in_either_order(tmp_path, order):
     model, _ = fit(tmp_path, callbacks, max_epochs=3)
     for name in WEIGHTS:
         keep = prune.masks.keep_mask(name)
-        entry = qat.quantized[name]
-        q = unpack_int4(entry["packed"], tuple(entry["shape"]))
-        assert torch.all(q[~keep] == 0), name
+        layer = qat.record[name]
+        assert torch.all(layer.values[~keep] == 0), name
         survivors = model.get_parameter(name).detach().abs() * keep
         expected = survivors.amax(dim=1).clamp_min(1e-12) / weight_qmax(4)
-        assert torch.allclose(entry["scale"], expected), name
+        assert torch.allclose(layer.scale, expected), name
         fake = qat.layers.quantized_weight(name.split(".")[0], "weight")
         assert torch.all(fake[~keep] == 0)
 
@@ -186,14 +229,13 @@ def test_conv_bn_pairs_are_folded_and_converted_with_their_factor(tmp_path):
     qat = QATCallback(bits=8, activations=None, fold_bn=True, freeze_bn="1ep")
     trainer = make_trainer(tmp_path, [qat], max_epochs=2)
     trainer.fit(module)
-    entry = qat.quantized["net.conv1.weight"]
-    assert "fold" in entry and entry["fold"].shape == (4,)
+    layer = qat.record["net.conv1.weight"]
     bn = module.net.bn1
     fold = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
-    assert torch.allclose(entry["fold"], fold)
     folded = module.net.conv1.weight.detach() * fold.view(-1, 1, 1, 1)
     q, scale = quantize_weight(folded, 8)
-    assert torch.equal(entry["q"], q) and torch.allclose(entry["scale"], scale)
+    # The integers are the folded layer's; the scale has the fold divided out again.
+    assert torch.equal(layer.values, q) and torch.allclose(layer.scale, scale / fold)
 
 
 def test_freeze_bn_stops_running_statistics(tmp_path):
@@ -228,7 +270,7 @@ def test_test_from_checkpoint_and_fit_twice(tmp_path):
     )
     again = make_trainer(tmp_path, [qat], max_epochs=1)
     again.fit(model)  # a second fit on the same callback and model
-    assert qat.quantized
+    assert qat.record
 
 
 def _resume_run(tmp_path, stop=None, ckpt=None):
@@ -256,10 +298,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_int4_weights_pack_two_per_byte(tmp_path):
     qat = QATCallback(bits=4, overrides={"fc3": 8}, activations=None)
-    fit(tmp_path, [qat], max_epochs=1)
-    fc1 = qat.quantized["fc1.weight"]
-    assert fc1["bits"] == 4 and fc1["packed"].numel() == 32 * 32 // 2
-    assert qat.quantized["fc3.weight"]["bits"] == 8 and "q" in qat.quantized["fc3.weight"]
+    model, _ = fit(tmp_path, [qat], max_epochs=1)
+    fc1, fc3 = qat.record["fc1.weight"], qat.record["fc3.weight"]
+    assert fc1.bits == 4 and fc1.values.dtype == torch.int8 and int(fc1.values.abs().max()) <= 7
+    assert fc3.bits == 8 and fc3.values.shape == (4, 16)
+    art = read(pack(model, tmp_path / "m.safetensors", qat=qat))
+    assert art.tensors["packed/fc1/qweight"].numel() == 32 * 32 // 2
+    assert art.tensors["packed/fc3/qweight"].dtype == torch.int8
 
 
 # -- learned step sizes ----------------------------------------------------------------------------
@@ -278,12 +323,11 @@ def test_lsq_learns_steps_and_converts_with_them(tmp_path):
     init = 2 * (w0 * keep).abs().sum(1) / keep.sum(1) / 7**0.5
     # Initialised from the surviving weights at the first step, then learned.
     assert not torch.allclose(steps["fc1.weight"].detach(), init, atol=1e-4)
-    entry = qat.quantized["fc1.weight"]
-    assert torch.allclose(entry["scale"], steps["fc1.weight"].detach())
-    q = unpack_int4(entry["packed"], (32, 32))
-    assert torch.all(q[~keep] == 0)
+    layer = qat.record["fc1.weight"]
+    assert torch.allclose(layer.scale, steps["fc1.weight"].detach())
+    assert torch.all(layer.values[~keep] == 0)
     fake = qat.layers.quantized_weight("fc1", "weight").detach()
-    assert torch.allclose(q.float() * entry["scale"][:, None], fake, atol=1e-6)
+    assert torch.allclose(layer.dequantize(), fake, atol=1e-6)
 
 
 def test_lsq_steps_resume_exactly(tmp_path):
@@ -359,10 +403,11 @@ def test_attach_rebuilds_the_integers_from_a_checkpoint(tmp_path, method):
     plain = _test_loss(restored)
     again = QATCallback(bits=8, activations=8, method=method)
     assert again.attach(restored, ckpt["callbacks"][again.state_key]) is again
-    assert again.quantized.keys() == qat.quantized.keys()
-    for name, entry in qat.quantized.items():
-        assert torch.equal(entry["q"], again.quantized[name]["q"]), name
-        assert torch.equal(entry["scale"], again.quantized[name]["scale"]), name
+    assert again.record.keys() == qat.record.keys()
+    for name, layer in qat.record.items():
+        assert torch.equal(layer.values, again.record[name].values), name
+        assert torch.equal(layer.scale, again.record[name].scale), name
+        assert layer.activation == again.record[name].activation, name
     for name, observer in qat.layers.observers.items():
         assert again.layers.observers[name].qparams() == observer.qparams()
     assert _test_loss(restored) == plain  # no hooks left behind

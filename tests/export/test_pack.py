@@ -1,10 +1,12 @@
 import copy
+import dataclasses
 import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -13,13 +15,21 @@ from torch import nn
 
 from lightning_compress.export import (
     FORMAT_VERSION,
+    PACKERS,
     ArtifactError,
     PackedConv2d,
     PackedLinear,
     load_into,
     pack,
+    packer,
     read,
     report,
+)
+from lightning_compress.quantization import (
+    ActivationRange,
+    CompressionRecord,
+    LayerRecord,
+    QuantizedLayer,
 )
 from lightning_compress.quantization.fake import fake_quant_weight
 from lightning_compress.zoo import LeNet5, LeNet300100
@@ -253,12 +263,91 @@ def test_pack_arguments_and_atomic_write(tmp_path):
         pack(model, tmp_path / "x.safetensors", bits=3)
 
     class NoIntegers:
-        quantized = None
+        record = None
 
-    with pytest.raises(ValueError, match="qat"):
+    with pytest.raises(ValueError, match="`qat` holds no integer weights"):
         pack(model, tmp_path / "x.safetensors", qat=NoIntegers())
+    with pytest.raises(ValueError, match="`qat` holds no integer weights"):
+        pack(model, tmp_path / "x.safetensors", qat=CompressionRecord(()))
+    with pytest.raises(TypeError, match="`qat` must be a QATCallback or a CompressionRecord"):
+        pack(model, tmp_path / "x.safetensors", qat={"fc1.weight": None})
     path = pack(model, tmp_path / "ok.safetensors")
     assert path.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+# -- records: what a compression method hands to pack -------------------------------------------
+
+
+def _record_of(model, bits, act=None):
+    return CompressionRecord(
+        QuantizedLayer.from_weight(f"{name}.weight", m.weight, bits, activation=act)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    )
+
+
+def test_a_record_packs_as_post_training_quantization_does(tmp_path):
+    model = pruned(LeNet300100(), 0.9)
+    by_bits = read(pack(model, tmp_path / "ptq.safetensors", bits=4))
+    by_record = read(pack(model, tmp_path / "rec.safetensors", qat=_record_of(model, 4)))
+    assert by_bits.layers == by_record.layers
+    assert all(torch.equal(v, by_record.tensors[k]) for k, v in by_bits.tensors.items())
+
+
+def test_activation_ranges_of_the_record_are_stored_and_used(tmp_path):
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    act = ActivationRange(scale=0.05, zero_point=100, bits=8)
+    path = pack(model, tmp_path / "a.safetensors", qat=_record_of(model, 8, act))
+    stored = {"scale": 0.05, "zero_point": 100, "bits": 8}
+    assert [e["act"] for e in read(path).layers] == [stored, stored]
+    loaded = load_into(copy.deepcopy(model), path)
+    out = loaded[0](torch.randn(4, 12))
+    levels = out / act.scale + act.zero_point
+    assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the recorded 8-bit grid
+
+
+def test_a_record_of_the_whole_module_packs_a_submodule_by_its_own_names(tmp_path):
+    root = nn.Module()
+    root.net = pruned(LeNet300100(), 0.9)
+    record = CompressionRecord(
+        (
+            QuantizedLayer.from_weight(name, p, 8)
+            for name, p in root.named_parameters()
+            if name.endswith("weight")
+        ),
+        root=root,
+    )
+    assert "net.fc1.weight" in record and "fc1.weight" in record.relative_to(root.net)
+    path = pack(root.net, tmp_path / "sub.safetensors", qat=record)
+    assert [e["name"] for e in read(path).layers] == ["fc1", "fc2", "fc3"]
+    with pytest.raises(ValueError, match="`model` is not part of"):
+        pack(LeNet300100(), tmp_path / "other.safetensors", qat=record)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HalvedLayer(LayerRecord):
+    """A kind of layer record export has no packer for, until a test registers one."""
+
+    kind: ClassVar[str] = "halved"
+    weight: torch.Tensor
+
+
+def test_each_kind_of_layer_record_has_its_own_packer(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    record = CompressionRecord([HalvedLayer("0.weight", model[0].weight.detach())])
+    with pytest.raises(ValueError, match=r"no packer for '0\.weight', a HalvedLayer"):
+        pack(model, tmp_path / "h.safetensors", qat=record)
+
+    @packer(HalvedLayer)
+    def _pack_halved(name, module, layer, tensors):
+        tensors[f"packed/{name}/half"] = layer.weight.half().contiguous()
+        return {"name": name, "kind": "halved"}
+
+    try:
+        path = pack(model, tmp_path / "h.safetensors", qat=record)
+        assert read(path).tensors["packed/0/half"].dtype == torch.float16
+    finally:
+        del PACKERS[HalvedLayer]
 
 
 FALLBACK = """
