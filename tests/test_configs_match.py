@@ -5,12 +5,14 @@ import inspect
 
 import pytest
 
-from lightning_compress import DistillationCallback, QATCallback
+from lightning_compress import DistillationCallback, PruneCallback, QATCallback
 from lightning_compress.distillation import DistillConfig
+from lightning_compress.pruning import PruneConfig
 from lightning_compress.quantization import QATConfig
 
 PAIRS = [
     (DistillationCallback, DistillConfig),
+    (PruneCallback, PruneConfig),
     (QATCallback, QATConfig),
 ]
 

@@ -3,54 +3,27 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_compress.clock import parse_step, resolve_steps
-from lightning_compress.pruning.criteria import CRITERIA, get_criterion
+from lightning_compress.callbacks._configured import ConfiguredCallback
+from lightning_compress.clock import resolve_steps
+from lightning_compress.pruning.config import PruneConfig
+from lightning_compress.pruning.events import PruneListener
 from lightning_compress.pruning.flipout import FlipCounter
 from lightning_compress.pruning.hard_masks import ZERO_PRESERVING_OPTIMIZERS, HardMasks
-from lightning_compress.pruning.masks import parse_nm
-from lightning_compress.pruning.plan import PrunePlan
-from lightning_compress.pruning.schedules import SCHEDULES, Schedule
-from lightning_compress.targets import match_overrides, resolve_weights
+from lightning_compress.pruning.plan import PrunePlan, build_plan, check_targets
+from lightning_compress.targets import resolve_weights
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("global", "layer")
 
-
-class PruneListener(Protocol):
-    """What another callback (``RewindCallback``) implements to follow a PruneCallback's events.
-
-    The PruneCallback calls these itself, so the coordination does not depend on the order of
-    ``Trainer(callbacks=[...])``.
-    """
-
-    def on_prune_ready(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback
-    ) -> None:
-        """The plan is built and masks restored (start of training, before the first step)."""
-
-    def before_prune(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
-    ) -> None:
-        """A pruning event at ``step`` is about to change the masks."""
-
-    def after_prune(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
-    ) -> None:
-        """The masks of the event at ``step`` are set and applied."""
-
-
-class PruneCallback(Callback):
+class PruneCallback(ConfiguredCallback):
     """Prunes targeted weights to a sparsity that follows a schedule of the optimizer step.
 
     Pruned weights are zeros in the real parameters (hard masks): their gradients are zeroed
@@ -86,9 +59,21 @@ class PruneCallback(Callback):
         monitor: Metric recorded at the end of each round of an iterative schedule (the
             accuracy column of the rounds table); skipped when the run does not log it.
 
+    Attributes:
+        config: The validated settings (:class:`~lightning_compress.pruning.config.PruneConfig`);
+            ``callback.sparsity`` and the other arguments read from it.
+        targets: Qualified names of the targeted weights (after ``setup``).
+        events: One record per pruning event, in order: ``step``, ``sparsity`` (over all the
+            targets) and ``nonzero`` (weights left). Saved in the checkpoint.
+        rounds: For ``schedule="iterative"``, one record per round that ended: ``round``,
+            ``step``, ``sparsity``, ``remaining`` and the ``monitor`` metric when logged. Saved
+            in the checkpoint.
+
     Raises:
-        ValueError: An argument out of range or an unknown name.
+        ValueError: An argument out of range, an unknown name, or two that contradict.
     """
+
+    config: PruneConfig
 
     def __init__(
         self,
@@ -110,89 +95,28 @@ class PruneCallback(Callback):
         flipout_noise: float = 1.0,
         monitor: str | None = "val/acc",
     ) -> None:
-        nm = parse_nm(structure)
-        if structure not in ("unstructured", "channel") and nm is None:
-            raise ValueError(
-                f"`structure` must be 'unstructured', 'channel' or 'N:M' like '2:4', "
-                f"got {structure!r}"
-            )
-        if nm is not None:
-            implied = (nm[1] - nm[0]) / nm[1]
-            if sparsity is not None and not math.isclose(sparsity, implied):
-                raise ValueError(
-                    f"`sparsity`={sparsity} contradicts `structure`={structure!r}, which means "
-                    f"sparsity {implied:g}; leave `sparsity` unset for N:M"
-                )
-            sparsity = implied
-        sparsity = 0.9 if sparsity is None else sparsity
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-        if criterion not in CRITERIA:
-            get_criterion(criterion)  # raises, naming the registered criteria
-        if schedule == "iterative":
-            if rate is None or not 0.0 < rate < 1.0:
-                raise ValueError(f"`rate` must be in (0, 1) for schedule='iterative', got {rate}")
-        elif rate is not None:
-            raise ValueError(f"`rate` applies only to schedule='iterative', got rate={rate}")
-        for pattern, value in (overrides or {}).items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(
-                    f"`overrides` sparsity must be in [0, 1), got {pattern!r}: {value}"
-                )
-        if overrides and nm is not None:
-            raise ValueError("`overrides` cannot change the sparsity of an N:M structure")
-        if rates and schedule != "iterative":
-            raise ValueError(f"`rates` applies only to schedule='iterative', got {schedule!r}")
-        for pattern, value in (rates or {}).items():
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"`rates` must be in (0, 1), got {pattern!r}: {value}")
-        if criterion == "flipout":
-            if schedule == "constant":
-                raise ValueError(
-                    "`criterion`='flipout' cannot follow schedule='constant', which never "
-                    "scores weights; use 'iterative' (the paper's), 'oneshot', 'linear' or 'cubic'"
-                )
-            if structure == "channel":
-                raise ValueError(
-                    "`criterion`='flipout' scores single weights; it cannot drive "
-                    "structure='channel' (use 'unstructured' or 'N:M')"
-                )
-            if flipout_p <= 0:
-                raise ValueError(f"`flipout_p` must be > 0, got {flipout_p}")
-            if flipout_noise < 0:
-                raise ValueError(f"`flipout_noise` must be >= 0, got {flipout_noise}")
-        elif (flipout_p, flipout_noise) != (2.0, 1.0):
-            raise ValueError(
-                f"`flipout_p`/`flipout_noise` apply only to criterion='flipout', got "
-                f"criterion={criterion!r}"
-            )
-        self.start = parse_step(start, "start")
-        self.end = parse_step(end, "end")
-        self.every = parse_step(every, "every")
-        if self.every.value == 0:
-            raise ValueError(f"`every` must be at least one step, got {every!r}")
-        if self.start.unit == self.end.unit and self.end.value < self.start.value:
-            raise ValueError(f"`end`={end!r} is before `start`={start!r}")
-        self.sparsity = sparsity
-        self.schedule = schedule
-        self.criterion = criterion
-        self.scope = scope
-        self.structure = structure
-        self.include = include
-        self.exclude = exclude
-        self.rate = rate
-        self.overrides = dict(overrides or {})
-        self.rates = dict(rates or {})
-        self.seed = seed
-        self.flipout_p = flipout_p
-        self.flipout_noise = flipout_noise
-        self.monitor = monitor
+        self.config = PruneConfig(
+            sparsity=sparsity,
+            schedule=schedule,
+            start=start,
+            end=end,
+            every=every,
+            criterion=criterion,
+            scope=scope,
+            structure=structure,
+            include=include,
+            exclude=exclude,
+            rate=rate,
+            overrides=overrides,
+            rates=rates,
+            seed=seed,
+            flipout_p=flipout_p,
+            flipout_noise=flipout_noise,
+            monitor=monitor,
+        )
         self.flips: FlipCounter | None = None
         self.rounds: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
         self._listeners: list[PruneListener] = []
         self.targets: list[str] = []
         self.plan: PrunePlan | None = None
@@ -201,23 +125,23 @@ class PruneCallback(Callback):
         self._loaded: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
         self._grads_masked = False
-        self._history: list[dict[str, Any]] = []
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsity=self.sparsity,
-            schedule=self.schedule,
-            structure=self.structure,
-            include=self.include,
-            exclude=self.exclude,
-        )
+    # -- PruneEventSource (what RewindCallback uses) ---------------------------------------------
 
     def add_listener(self, listener: PruneListener) -> None:
         """Registers a callback to be told about this callback's pruning events."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    def first_event(self) -> int | None:
+        """The optimizer step of the first pruning event; None before the plan or without one."""
+        return self.plan.first_event() if self.plan is not None else None
+
+    def reapply_masks(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Zeros the pruned weights and their optimizer state again (after a rewind)."""
+        if self.masks is not None:
+            self.masks.apply_to_weights()
+            self.masks.apply_to_optimizer_state(optimizers)
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -274,10 +198,11 @@ class PruneCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks.state_dict() if self.masks else {"packed": {}, "shapes": {}}
         state: dict[str, Any] = {
-            "version": 1,
+            "version": self.config.VERSION,
             "masks": masks,
             "last_event": self._last_event,
             "rounds": [dict(r) for r in self.rounds],
+            "events": [dict(e) for e in self.events],
         }
         if self.flips is not None:
             state["flips"] = self.flips.state_dict()
@@ -305,13 +230,6 @@ class PruneCallback(Callback):
 
     def _resolve_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.targets = self.resolve(pl_module)
-        valued = match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
-        rated = match_overrides(self.targets, self.rates, "rates", "PruneCallback")
-        both = sorted(set(rated) & set(valued))
-        if both:
-            raise ValueError(
-                f"PruneCallback: {both} match both `overrides` and `rates`; give each layer one"
-            )
         for other in trainer.callbacks:
             if isinstance(other, PruneCallback) and other is not self:
                 shared = sorted(set(self.targets) & set(other.resolve(pl_module)))
@@ -320,63 +238,15 @@ class PruneCallback(Callback):
                         f"two PruneCallbacks target the same weights {shared}; give them "
                         "disjoint `include`/`exclude` patterns"
                     )
-        params = dict(pl_module.named_parameters())
-        nm = parse_nm(self.structure)
-        for name in self.targets:
-            if nm is not None:
-                shape = params[name].shape
-                if shape[1] % nm[1]:
-                    raise ValueError(
-                        f"`structure`={self.structure!r}: {name!r} has {shape[1]} input features, "
-                        f"not divisible by M={nm[1]}; exclude it or pick another M"
-                    )
-        self.masks = HardMasks({name: params[name] for name in self.targets})
+        params = {name: pl_module.get_parameter(name) for name in self.targets}
+        check_targets(self.config, {name: p.shape for name, p in params.items()})
+        self.masks = HardMasks(params)
         if self.criterion == "flipout":
-            self.flips = FlipCounter(
-                {name: params[name] for name in self.targets}, self.flipout_noise, self.seed
-            )
+            self.flips = FlipCounter(params, self.flipout_noise, self.seed)
 
     def _make_plan(self, trainer: pl.Trainer) -> None:
         steps = resolve_steps(trainer, start=self.start, end=self.end, every=self.every)
-        start, end, every = steps["start"], steps["end"], steps["every"]
-        if every < 1:
-            raise ValueError(f"`every`={self.every} is less than one optimizer step")
-        if end < start and self.schedule in ("linear", "cubic"):
-            raise ValueError(
-                f"`end`={self.end} ({end} steps) is before `start`={self.start} ({start} steps)"
-            )
-        if self.criterion == "flipout" and start == 0:
-            raise ValueError(
-                f"`criterion`='flipout' needs optimizer steps to count sign flips before the first "
-                f"pruning event, got `start`={self.start}; start at '1ep' or later"
-            )
-        layer_values = match_overrides(self.targets, self.overrides, "overrides", "PruneCallback")
-        layer_rates = match_overrides(self.targets, self.rates, "rates", "PruneCallback")
-        main = Schedule(self.schedule, self.sparsity, start, max(end, start), every, rate=self.rate)
-        rounds = len(main.events())
-        schedules: dict[str, Schedule] = {}
-        cache: dict[tuple[float, float | None], Schedule] = {}
-        for name in self.targets:
-            final, rate = layer_values.get(name, self.sparsity), self.rate
-            if name in layer_rates:
-                # The same number of rounds as the rest, at this layer's own rate.
-                rate = layer_rates[name]
-                final = 1.0 - (1.0 - rate) ** rounds
-            if (final, rate) not in cache:
-                cache[final, rate] = Schedule(
-                    kind=self.schedule,
-                    final=final,
-                    start=start,
-                    end=max(end, start),
-                    every=every,
-                    rate=rate,
-                )
-            schedules[name] = cache[final, rate]
-        pooled = [n for n in self.targets if n not in layer_values and n not in layer_rates]
-        groups = [pooled] if self.scope == "global" and pooled else []
-        self.plan = PrunePlan(
-            schedules, groups, structure=self.structure, criterion=self.criterion, seed=self.seed
-        )
+        self.plan = build_plan(self.config, self.targets, **steps)  # type: ignore[arg-type]
         last = self.plan.last_event()
         total = trainer.estimated_stepping_batches
         if last is not None and self.schedule != "constant" and last >= total:
@@ -401,6 +271,7 @@ class PruneCallback(Callback):
             self.masks.set(masks)
             self._last_event = int(self._loaded.get("last_event", -1))
             self.rounds = [dict(r) for r in self._loaded.get("rounds", [])]
+            self.events = [dict(e) for e in self._loaded.get("events", [])]
             if self.flips is not None and "flips" in self._loaded:
                 self.flips.load_state_dict(self._loaded["flips"])
             self._loaded = None
@@ -430,7 +301,7 @@ class PruneCallback(Callback):
         if self.flips is not None:
             self.flips.reset(self.masks.keep_masks())
         self._last_event = step
-        self._log_event(trainer, step)
+        self._record_event(trainer, step)
         for listener in self._listeners:
             listener.after_prune(trainer, pl_module, self, step)
         if self.flips is not None:
@@ -440,9 +311,7 @@ class PruneCallback(Callback):
         """Records the round that ends at ``step``: its sparsity and the monitored metric."""
         if self.rounds and self.rounds[-1]["step"] >= step:
             return  # already recorded (a resumed run re-entering the same step)
-        rows = self.layer_stats()
-        total = sum(r["numel"] for r in rows)
-        kept = sum(r["nonzero"] for r in rows)
+        kept, total = _totals(self.layer_stats())
         record: dict[str, Any] = {
             "round": len(self.rounds),
             "step": step,
@@ -457,9 +326,10 @@ class PruneCallback(Callback):
         metrics["prune/round/sparsity"] = record["sparsity"]
         if value is not None:
             metrics[f"prune/round/{self.monitor}"] = record[self.monitor]
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        rank_zero_only(log.info)(
+        _publish(
+            trainer,
+            step,
+            metrics,
             "PruneCallback: round %d ended at step %d: sparsity %.4f%s",
             record["round"],
             step,
@@ -468,6 +338,7 @@ class PruneCallback(Callback):
         )
 
     def layer_stats(self) -> list[dict[str, Any]]:
+        """Per target, in order: ``layer``, ``shape``, ``numel``, ``nonzero``, ``sparsity``."""
         assert self.masks is not None
         rows = []
         for name in self.targets:
@@ -484,19 +355,21 @@ class PruneCallback(Callback):
             )
         return rows
 
-    def _log_event(self, trainer: pl.Trainer, step: int) -> None:
+    def _record_event(self, trainer: pl.Trainer, step: int) -> None:
+        """Appends the event at ``step`` to :attr:`events` and logs it, overall and per layer."""
         rows = self.layer_stats()
-        total = sum(r["numel"] for r in rows)
-        kept = sum(r["nonzero"] for r in rows)
-        metrics = {"prune/sparsity": 1.0 - kept / total, "prune/nonzero": float(kept)}
+        kept, total = _totals(rows)
+        event = {"step": step, "sparsity": 1.0 - kept / total, "nonzero": kept}
+        self.events.append(event)
+        metrics = {"prune/sparsity": event["sparsity"], "prune/nonzero": float(kept)}
         metrics.update({f"prune/sparsity/{r['layer']}": r["sparsity"] for r in rows})
-        self._history.append({"step": step, **metrics})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        rank_zero_only(log.info)(
+        _publish(
+            trainer,
+            step,
+            metrics,
             "PruneCallback: step %d: sparsity %.4f, %d of %d weights left",
             step,
-            metrics["prune/sparsity"],
+            event["sparsity"],
             kept,
             total,
         )
@@ -533,3 +406,17 @@ class PruneCallback(Callback):
                 "prune/rounds_plot": wandb.plot.line(table, "remaining", self.monitor, title=title),
             }
         )
+
+
+def _totals(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Kept and total weights over :meth:`PruneCallback.layer_stats` rows."""
+    return sum(r["nonzero"] for r in rows), sum(r["numel"] for r in rows)
+
+
+def _publish(
+    trainer: pl.Trainer, step: int, metrics: dict[str, float], message: str, *args: Any
+) -> None:
+    """Sends ``metrics`` to every logger of ``trainer`` at ``step``, ``message`` to the log."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+    rank_zero_only(log.info)(message, *args)

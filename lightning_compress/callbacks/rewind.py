@@ -10,8 +10,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
-from lightning_compress.callbacks.prune import PruneCallback
 from lightning_compress.clock import parse_step, resolve_steps
+from lightning_compress.pruning.events import PruneEventSource
 from lightning_compress.pruning.rewind import (
     check_snapshot,
     reinitialize,
@@ -62,7 +62,7 @@ class RewindCallback(Callback):
         self.step: int | None = None
         self.snapshot: dict[str, Any] | None = None
         self.rewinds: list[int] = []
-        self._prunes: list[PruneCallback] = []
+        self._prunes: list[PruneEventSource] = []
         self._ready: set[int] = set()
         self._loaded: dict[str, Any] | None = None
 
@@ -77,7 +77,7 @@ class RewindCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._prunes = [c for c in trainer.callbacks if isinstance(c, PruneCallback)]
+        self._prunes = [c for c in trainer.callbacks if isinstance(c, PruneEventSource)]
         if not self._prunes:
             raise ValueError(
                 "RewindCallback rewinds after pruning events, but the trainer has no "
@@ -109,14 +109,13 @@ class RewindCallback(Callback):
     # -- called by PruneCallback -------------------------------------------------------------------
 
     def on_prune_ready(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneEventSource
     ) -> None:
         self._ready.add(id(prune))
         if len(self._ready) < len(self._prunes):
             return
         self.step = resolve_steps(trainer, to=self.to)["to"]
-        firsts = [p.plan.first_event() for p in self._prunes if p.plan is not None]
-        firsts = [f for f in firsts if f is not None]
+        firsts = [f for f in (p.first_event() for p in self._prunes) if f is not None]
         if firsts and self.step > min(firsts):
             raise ValueError(
                 f"RewindCallback: `to`={self.to} ({self.step} steps) is after the first pruning "
@@ -137,13 +136,13 @@ class RewindCallback(Callback):
             )
 
     def before_prune(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneEventSource, step: int
     ) -> None:
         # An event at step `to` itself: the snapshot must hold the weights before it.
         self._maybe_snapshot(trainer, pl_module)
 
     def after_prune(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneCallback, step: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneEventSource, step: int
     ) -> None:
         if self.rewinds and self.rewinds[-1] == step:
             return  # a second PruneCallback's event at the same step: rewound once already
@@ -165,9 +164,7 @@ class RewindCallback(Callback):
                 )
         restore_training_state(self.snapshot, trainer.optimizers, schedulers)
         for other in self._prunes:
-            if other.masks is not None:
-                other.masks.apply_to_weights()
-                other.masks.apply_to_optimizer_state(trainer.optimizers)
+            other.reapply_masks(trainer.optimizers)
         self.rewinds.append(step)
         for logger in trainer.loggers:
             logger.log_metrics({"rewind/count": float(len(self.rewinds))}, step=step)

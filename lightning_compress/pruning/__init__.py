@@ -1,5 +1,7 @@
-"""Trainer-free pruning: step parsing, schedules, criteria, masks, hard-mask enforcement."""
+"""Trainer-free pruning: config, schedules, criteria, masks, plans, hard-mask enforcement."""
 
+from lightning_compress.clock import Step, parse_step
+from lightning_compress.pruning.config import SCOPES, PruneConfig
 from lightning_compress.pruning.criteria import (
     CRITERIA,
     Criterion,
@@ -7,6 +9,7 @@ from lightning_compress.pruning.criteria import (
     get_criterion,
     register_criterion,
 )
+from lightning_compress.pruning.events import PruneEventSource, PruneListener
 from lightning_compress.pruning.flipout import FlipCounter, flipout
 from lightning_compress.pruning.masks import (
     channel_masks,
@@ -16,17 +19,23 @@ from lightning_compress.pruning.masks import (
     sparsity,
     unstructured_masks,
 )
+from lightning_compress.pruning.plan import PrunePlan, build_plan
 from lightning_compress.pruning.schedules import SCHEDULES, Schedule
-from lightning_compress.clock import Step, parse_step
 
 __all__ = [
     "CRITERIA",
     "SCHEDULES",
+    "SCOPES",
     "Criterion",
     "CriterionContext",
     "FlipCounter",
+    "PruneConfig",
+    "PruneEventSource",
+    "PruneListener",
+    "PrunePlan",
     "Schedule",
     "Step",
+    "build_plan",
     "channel_masks",
     "count_zeros",
     "flipout",

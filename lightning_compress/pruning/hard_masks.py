@@ -41,10 +41,8 @@ class HardMasks:
         self.params = params
         self._scale: dict[str, torch.Tensor] = {}  # 1 = kept, 0 = pruned, in the param's dtype
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._scale
-
     def __len__(self) -> int:
+        """How many masks are set: no mask yet (falsy) means nothing to enforce."""
         return len(self._scale)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -165,6 +166,19 @@ def unstructured_masks(
     return out
 
 
+def check_nm_inputs(name: str, shape: Sequence[int], n: int, m: int) -> None:
+    """Raises unless M divides the inputs (dim 1) of the weight ``name`` of ``shape``.
+
+    Raises:
+        ValueError: Naming the structure, the weight, its inputs and M.
+    """
+    if shape[1] % m:
+        raise ValueError(
+            f"`structure`='{n}:{m}': {name!r} has {shape[1]} inputs along dim 1, not divisible "
+            f"by M={m}; exclude it or pick another M"
+        )
+
+
 def nm_masks(
     scores: dict[str, torch.Tensor], n: int, m: int, zeros_per_group: int
 ) -> dict[str, torch.Tensor]:
@@ -190,12 +204,8 @@ def nm_masks(
     out = {}
     for name, score in scores.items():
         # Inputs last, so that groups are runs of M along the flattened tensor.
+        check_nm_inputs(name, score.shape, n, m)
         moved = _rankable(score).movedim(1, -1)
-        if moved.shape[-1] % m:
-            raise ValueError(
-                f"`structure`='{n}:{m}': {name!r} has {moved.shape[-1]} inputs along dim 1, not "
-                f"divisible by M={m}"
-            )
         groups = moved.reshape(-1, m)
         keep = torch.ones_like(groups, dtype=torch.bool)
         order = torch.sort(groups, dim=1, stable=True).indices[:, :zeros_per_group]

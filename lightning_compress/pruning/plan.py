@@ -1,19 +1,35 @@
 """A pruning plan: which weights, on which schedule, scored how, in which structure.
 
-Built once the trainer's clock is known (steps per epoch), then queried as a pure function of
-the optimizer step: ``plan.masks(step, weights, current)``. No Trainer involved, so it is tested
-directly and every rank (and every resume) computes the same thing from the same inputs.
+:func:`build_plan` makes one from a :class:`~lightning_compress.pruning.config.PruneConfig`, the
+targeted names and the config's steps converted on the trainer's clock; it is then queried as a
+pure function of the optimizer step: ``plan.masks(step, weights, current)``. No Trainer
+involved, so it is tested directly and every rank (and every resume) computes the same thing
+from the same inputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_compress.pruning.criteria import CriterionContext, get_criterion
-from lightning_compress.pruning.masks import channel_masks, nm_masks, parse_nm, unstructured_masks
+from lightning_compress.pruning.masks import (
+    channel_masks,
+    check_nm_inputs,
+    nm_masks,
+    parse_nm,
+    unstructured_masks,
+)
 from lightning_compress.pruning.schedules import Schedule
+from lightning_compress.targets import match_overrides
+
+if TYPE_CHECKING:
+    from lightning_compress.pruning.config import PruneConfig
+
+_OWNER = "PruneCallback"  # the user-facing name in targeting errors
 
 
 @dataclass
@@ -39,10 +55,6 @@ class PrunePlan:
         self._criterion = get_criterion(self.criterion)
         # Every schedule has finitely many events, fixed at construction: look them up in O(1).
         self._event_steps = frozenset(e for s in self.schedules.values() for e in s.events())
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.schedules)
 
     def is_event(self, step: int) -> bool:
         return step in self._event_steps
@@ -93,3 +105,87 @@ class PrunePlan:
             (mask,) = nm_masks({name: score}, n, m, zeros).values()
             out[name] = mask & current[name]
         return out
+
+
+def layer_values(
+    config: PruneConfig, targets: Sequence[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per targeted name, its ``overrides`` sparsity and its ``rates`` rate (if any).
+
+    Raises:
+        ValueError: A pattern that matches none of ``targets``, or a name matched by both.
+    """
+    valued = match_overrides(targets, config.overrides, "overrides", _OWNER)
+    rated = match_overrides(targets, config.rates, "rates", _OWNER)
+    both = sorted(set(rated) & set(valued))
+    if both:
+        raise ValueError(
+            f"{_OWNER}: {both} match both `overrides` and `rates`; give each layer one"
+        )
+    return valued, rated
+
+
+def check_targets(config: PruneConfig, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raises for what the targeted weights make impossible, before any training step.
+
+    Args:
+        config: The callback's settings.
+        shapes: Per targeted name, the weight's shape.
+
+    Raises:
+        ValueError: Bad ``overrides``/``rates`` patterns, or an N:M structure whose M does not
+            divide a weight's inputs.
+    """
+    layer_values(config, list(shapes))
+    if config.nm is not None:
+        for name, shape in shapes.items():
+            check_nm_inputs(name, shape, *config.nm)
+
+
+def build_plan(
+    config: PruneConfig, targets: Sequence[str], start: int, end: int, every: int
+) -> PrunePlan:
+    """The plan of ``config`` for ``targets``, on the clock the steps were converted on.
+
+    Each target follows the main schedule, except ``overrides`` (their own final sparsity) and
+    ``rates`` (their own rate for the main schedule's number of rounds); those are pruned
+    layer-wise, and with ``scope="global"`` the other targets share one threshold.
+
+    Args:
+        config: The callback's settings (validated).
+        targets: Qualified names of the targeted weights.
+        start: ``config.start`` in optimizer steps.
+        end: ``config.end`` in optimizer steps.
+        every: ``config.every`` in optimizer steps.
+
+    Raises:
+        ValueError: ``end`` before ``start`` for a linear or cubic ramp (units that differ only
+            compare in steps), or bad ``overrides``/``rates`` patterns.
+    """
+    if end < start and config.schedule in ("linear", "cubic"):
+        raise ValueError(
+            f"`end`={config.end} ({end} steps) is before `start`={config.start} ({start} steps)"
+        )
+    end = max(end, start)  # only linear and cubic read `end`
+    valued, rated = layer_values(config, targets)
+    main = Schedule(config.schedule, config.sparsity, start, end, every, rate=config.rate)
+    rounds = len(main.events())
+    cache: dict[tuple[float, float | None], Schedule] = {(main.final, main.rate): main}
+    schedules: dict[str, Schedule] = {}
+    for name in targets:
+        final, rate = valued.get(name, main.final), main.rate
+        if name in rated:
+            # The same number of rounds as the rest, at this layer's own rate.
+            rate = rated[name]
+            final = 1.0 - (1.0 - rate) ** rounds
+        if (final, rate) not in cache:
+            cache[final, rate] = Schedule(config.schedule, final, start, end, every, rate=rate)
+        schedules[name] = cache[final, rate]
+    pooled = [n for n in targets if n not in valued and n not in rated]
+    return PrunePlan(
+        schedules,
+        [pooled] if config.scope == "global" and pooled else [],
+        structure=config.structure,
+        criterion=config.criterion,
+        seed=config.seed,
+    )

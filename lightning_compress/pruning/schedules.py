@@ -12,6 +12,60 @@ from dataclasses import dataclass
 SCHEDULES = ("oneshot", "linear", "cubic", "iterative", "constant")
 
 
+# The rules on a schedule's values, shared by Schedule and PruneConfig: one copy of each, with
+# the argument named as the caller's user knows it (`kind` here, `schedule` on the callback).
+
+
+def check_fraction(
+    value: float | None,
+    label: str,
+    *,
+    low_open: bool = False,
+    context: str = "",
+    got: str | None = None,
+) -> None:
+    """Raises unless ``value`` is in [0, 1) (in (0, 1) with ``low_open``).
+
+    Args:
+        value: A sparsity or a rate.
+        label: How the message names it, e.g. ``"`sparsity`"``.
+        low_open: Exclude 0 (a rate of 0 never prunes).
+        context: Said after the interval, e.g. ``" for schedule='iterative'"``.
+        got: How the message shows the value (default: the value itself).
+
+    Raises:
+        ValueError: ``value`` is None or out of range.
+    """
+    inside = value is not None and (value > 0.0 if low_open else value >= 0.0) and value < 1.0
+    if not inside:
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise ValueError(
+            f"{label} must be in {interval}{context}, got {value if got is None else got}"
+        )
+
+
+def check_kind(kind: str, arg: str = "kind") -> None:
+    """Raises unless ``kind`` is one of :data:`SCHEDULES`; ``arg`` names it in the message."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"`{arg}` must be one of {SCHEDULES}, got {kind!r}")
+
+
+def check_rate(kind: str, rate: float | None, arg: str = "kind") -> None:
+    """Raises unless ``rate`` is in (0, 1) for ``iterative`` and None for the other kinds.
+
+    Args:
+        kind: One of :data:`SCHEDULES`.
+        rate: Fraction of the remaining weights pruned per event.
+        arg: How the message names ``kind``.
+    """
+    if kind == "iterative":
+        check_fraction(rate, "`rate`", low_open=True, context=f" for {arg}='iterative'")
+    elif rate is not None:
+        raise ValueError(
+            f"`rate` applies only to {arg}='iterative', got rate={rate} for {arg}={kind!r}"
+        )
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When masks are recomputed and to which sparsity, in optimizer steps.
@@ -50,10 +104,8 @@ class Schedule:
     rate: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"`kind` must be one of {SCHEDULES}, got {self.kind!r}")
-        if not 0.0 <= self.final < 1.0:
-            raise ValueError(f"`final` must be in [0, 1), got {self.final}")
+        check_kind(self.kind)
+        check_fraction(self.final, "`final`")
         if not 0.0 <= self.initial <= self.final:
             raise ValueError(f"`initial` must be in [0, `final`={self.final}], got {self.initial}")
         if self.start < 0:
@@ -62,14 +114,7 @@ class Schedule:
             raise ValueError(f"`end` must be >= `start`={self.start}, got {self.end}")
         if self.every < 1:
             raise ValueError(f"`every` must be >= 1 optimizer step, got {self.every}")
-        if self.kind == "iterative":
-            if self.rate is None or not 0.0 < self.rate < 1.0:
-                raise ValueError(f"`rate` must be in (0, 1) for kind='iterative', got {self.rate}")
-        elif self.rate is not None:
-            raise ValueError(
-                f"`rate` applies only to kind='iterative', got rate={self.rate} for "
-                f"kind={self.kind!r}"
-            )
+        check_rate(self.kind, self.rate)
 
     def _rounds(self) -> int:
         """Number of events."""

@@ -12,7 +12,16 @@ import torch
 
 from lightning_compress import DistillationCallback, PruneCallback, QATCallback, RewindCallback
 from lightning_compress.distillation import teacher_digest
+from lightning_compress.pruning import register_criterion
 from tests.helpers import TinyMLP, digest, make_trainer
+
+
+@register_criterion("rank_dependent")
+def rank_dependent(weight: torch.Tensor, ctx) -> torch.Tensor:
+    """Scores that differ on every rank: only rank 0's broadcast can make the masks agree."""
+    rank = torch.distributed.get_rank()
+    generator = torch.Generator().manual_seed(1000 * rank + ctx.step)
+    return torch.rand(weight.shape, generator=generator)
 
 
 def main(out_dir: Path, criterion: str) -> None:
@@ -62,8 +71,8 @@ def main(out_dir: Path, criterion: str) -> None:
         "weights": digest(dict(model.named_parameters())),
         "flips": digest(prune.flips.flips) if prune.flips is not None else None,
         "flip_total": int(sum(f.sum() for f in prune.flips.flips.values())) if prune.flips else 0,
-        "events": [e["step"] for e in prune._history],
-        "sparsity": prune._history[-1]["prune/sparsity"],
+        "events": [e["step"] for e in prune.events],
+        "sparsity": prune.events[-1]["sparsity"],
         "global_step": trainer.global_step,
         "observers": digest(
             {

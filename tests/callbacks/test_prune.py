@@ -35,6 +35,22 @@ class ZeroWatcher(pl.Callback):
             self.checked += 1
 
 
+class LayerSparsity:
+    """A PruneListener recording each layer's sparsity after every pruning event."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, float]] = []
+
+    def on_prune_ready(self, trainer, pl_module, prune):
+        pass
+
+    def before_prune(self, trainer, pl_module, prune, step):
+        pass
+
+    def after_prune(self, trainer, pl_module, prune, step):
+        self.after.append({r["layer"]: r["sparsity"] for r in prune.layer_stats()})
+
+
 def fit(tmp_path, callbacks, model=None, **kwargs):
     model = model or TinyMLP()
     trainer = make_trainer(tmp_path, callbacks, **kwargs)
@@ -124,25 +140,28 @@ def test_sparsity_equals_the_schedule_at_every_event(tmp_path, schedule, scope):
     prune = PruneCallback(
         sparsity=0.8, schedule=schedule, start="1ep", end="3ep", every="3it", scope=scope
     )
-    watcher = ZeroWatcher(prune)
+    watcher, layers = ZeroWatcher(prune), LayerSparsity()
+    prune.add_listener(layers)
     model, trainer = fit(tmp_path, [prune, watcher], max_epochs=4)
     assert watcher.checked > 0
-    history = prune._history
-    assert history, "no pruning event happened"
+    events = prune.events
+    assert events, "no pruning event happened"
+    assert len(layers.after) == len(events)
     sizes = {n: p.numel() for n, p in model.named_parameters() if n in WEIGHTS}
     total = sum(sizes.values())
-    for event in history:
+    for event, per_layer in zip(events, layers.after, strict=True):
         target = prune.plan.targets(event["step"])
+        assert event["nonzero"] == round((1 - event["sparsity"]) * total)
         if scope == "global":
-            zeros = event["prune/sparsity"] * total
+            zeros = event["sparsity"] * total
             assert abs(zeros - target[WEIGHTS[0]] * total) <= 1.0 + 1e-6
         else:
             for name, n in sizes.items():
-                assert abs(event[f"prune/sparsity/{name}"] * n - target[name] * n) <= 1.0 + 1e-6
+                assert abs(per_layer[name] * n - target[name] * n) <= 1.0 + 1e-6
     # The clock: 8 batches per epoch, so 1ep..3ep is steps 8..24; the final value is reached.
-    assert history[0]["step"] == 8
-    assert history[-1]["step"] == (8 if schedule == "oneshot" else 24)
-    assert math.isclose(history[-1]["prune/sparsity"], 0.8, abs_tol=1 / total)
+    assert events[0]["step"] == 8
+    assert events[-1]["step"] == (8 if schedule == "oneshot" else 24)
+    assert math.isclose(events[-1]["sparsity"], 0.8, abs_tol=1 / total)
     assert trainer.global_step == 32
 
 
@@ -152,9 +171,9 @@ def test_gradient_accumulation_and_limits_convert_epochs_exactly(tmp_path):
     _, trainer = fit(
         tmp_path, [prune], max_epochs=4, limit_train_batches=7, accumulate_grad_batches=3
     )
-    assert [e["step"] for e in prune._history] == [3, 6, 9]
+    assert [e["step"] for e in prune.events] == [3, 6, 9]
     assert trainer.global_step == 12
-    assert math.isclose(prune._history[-1]["prune/sparsity"], 0.5, abs_tol=1e-3)
+    assert math.isclose(prune.events[-1]["sparsity"], 0.5, abs_tol=1e-3)
 
 
 def test_pruned_weights_stay_zero_under_adamw_and_bf16(tmp_path):
@@ -282,7 +301,9 @@ def test_state_key_and_checkpoint_content(tmp_path):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     state = ckpt["callbacks"][prune.state_key]
+    assert state["version"] == 1
     assert state["last_event"] == 8
+    assert state["events"] == [{"step": 8, "sparsity": 0.5, "nonzero": 512}]
     assert list(state["masks"]["packed"]) == ["fc1.weight"]
     assert state["masks"]["packed"]["fc1.weight"].dtype == torch.uint8
     assert state["masks"]["packed"]["fc1.weight"].numel() == 1024 // 8
@@ -394,17 +415,36 @@ def _resume_run(tmp_path, stop_epochs=None, ckpt_path=None):
 def test_resume_mid_schedule_reproduces_the_uninterrupted_run(tmp_path):
     full_model, full_prune, _ = _resume_run(tmp_path / "full")
     _, half_prune, half_trainer = _resume_run(tmp_path / "half", stop_epochs=2)
-    mid = half_prune._history[-1]["prune/sparsity"]
+    mid = half_prune.events[-1]["sparsity"]
     assert 0 < mid < 0.9  # stopped in the middle of the schedule
     half_trainer.save_checkpoint(tmp_path / "mid.ckpt")
     resumed_model, resumed_prune, _ = _resume_run(
         tmp_path / "resumed", ckpt_path=tmp_path / "mid.ckpt"
     )
     assert digest(resumed_prune.masks.keep_masks()) == digest(full_prune.masks.keep_masks())
+    assert resumed_prune.events == full_prune.events  # the record rides in the checkpoint
     for (name, a), (_, b) in zip(
         full_model.named_parameters(), resumed_model.named_parameters(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+
+
+def test_a_checkpoint_without_events_still_resumes(tmp_path):
+    """Checkpoints written before `events` existed hold no such key."""
+
+    def prune():
+        return PruneCallback(sparsity=0.5, schedule="linear", start=0, end="2ep", every="1ep")
+
+    first = prune()
+    _, trainer = fit(tmp_path, [first], max_epochs=1)
+    assert [e["step"] for e in first.events] == [0]
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    ckpt = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    del ckpt["callbacks"][first.state_key]["events"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    resumed = prune()
+    make_trainer(tmp_path, [resumed], max_epochs=3).fit(TinyMLP(), ckpt_path=tmp_path / "old.ckpt")
+    assert [e["step"] for e in resumed.events] == [8, 16]
 
 
 # -- logging -----------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -6,6 +8,8 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_compress import PruneCallback, RewindCallback
+from lightning_compress.callbacks import rewind as rewind_module
+from lightning_compress.pruning import PruneEventSource
 
 from ..helpers import TinyMLP, digest, make_trainer, offline_wandb
 
@@ -121,6 +125,14 @@ def test_bad_setups_raise_before_the_first_step(tmp_path, callbacks, match):
     with pytest.raises(ValueError, match=match):
         fit(tmp_path, [*callbacks(), spy])
     assert spy.steps == 0
+
+
+def test_prune_callbacks_are_found_through_the_protocol_not_their_module():
+    tree = ast.parse(Path(rewind_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(m.startswith("lightning_compress.callbacks.") for m in imported if m)
+    assert isinstance(PruneCallback(), PruneEventSource)
+    assert not isinstance(RewindCallback(), PruneEventSource)
 
 
 # -- what each mode does -------------------------------------------------------------------------

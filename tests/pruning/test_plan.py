@@ -1,0 +1,86 @@
+"""build_plan without a Trainer: per-layer schedules, overrides, rates and the global pool."""
+
+import pytest
+import torch
+
+from lightning_compress.pruning import PruneConfig, build_plan
+from lightning_compress.pruning.plan import check_targets
+
+TARGETS = ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+def iterative(**kwargs):
+    args = {"sparsity": 0.75, "schedule": "iterative", "rate": 0.5, "start": 0, "every": 1}
+    return PruneConfig(**{**args, **kwargs})
+
+
+def test_one_global_group_shares_one_schedule():
+    plan = build_plan(PruneConfig(sparsity=0.8, schedule="linear"), TARGETS, 10, 30, 5)
+    assert plan.global_groups == [TARGETS]
+    assert len({id(s) for s in plan.schedules.values()}) == 1
+    assert plan.schedules["fc1.weight"].events() == [10, 15, 20, 25, 30]
+    assert plan.targets(30) == dict.fromkeys(TARGETS, 0.8)
+
+
+def test_layer_scope_has_no_global_group():
+    plan = build_plan(PruneConfig(scope="layer", schedule="oneshot"), TARGETS, 4, 4, 1)
+    assert plan.global_groups == []
+    assert plan.targets(4) == dict.fromkeys(TARGETS, 0.9)
+
+
+def test_overrides_are_pruned_layer_wise_and_the_pool_holds_the_rest():
+    config = PruneConfig(sparsity=0.9, schedule="oneshot", overrides={"fc3": 0.25})
+    plan = build_plan(config, TARGETS, 8, 8, 1)
+    assert plan.global_groups == [["fc1.weight", "fc2.weight"]]
+    assert plan.targets(8) == {"fc1.weight": 0.9, "fc2.weight": 0.9, "fc3.weight": 0.25}
+    weights = {
+        n: torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+        for i, n in enumerate(TARGETS)
+    }
+    current = {n: torch.ones(8, 16, dtype=torch.bool) for n in TARGETS}
+    masks = plan.masks(8, weights, current)
+    assert int((~masks["fc3.weight"]).sum()) == round(0.25 * 128)
+    assert int((~masks["fc1.weight"]).sum() + (~masks["fc2.weight"]).sum()) == round(0.9 * 256)
+
+
+def test_rates_give_the_same_number_of_rounds_as_the_main_schedule():
+    plan = build_plan(iterative(rates={"fc3": 0.1}), TARGETS, 2, 2, 3)
+    main, output = plan.schedules["fc1.weight"], plan.schedules["fc3.weight"]
+    assert main.events() == [2, 5]  # 1 - 0.5^2 = 0.75
+    assert output.events() == main.events()
+    assert output.final == pytest.approx(1 - 0.9**2)
+    assert output.value_at(2) == pytest.approx(0.1)
+    assert plan.global_groups == [["fc1.weight", "fc2.weight"]]
+
+
+def test_ramp_ending_before_it_starts_raises_in_steps():
+    config = PruneConfig(schedule="cubic", start="2ep", end="10it")  # units differ: unchecked
+    with pytest.raises(ValueError, match=r"`end`=10it \(10 steps\) is before `start`=2ep"):
+        build_plan(config, TARGETS, 16, 10, 8)
+
+
+def test_a_oneshot_ignores_an_end_before_its_start():
+    plan = build_plan(PruneConfig(schedule="oneshot", start="2ep", end="10it"), TARGETS, 16, 10, 8)
+    assert plan.first_event() == plan.last_event() == 16
+
+
+@pytest.mark.parametrize(
+    ("config", "shapes", "match"),
+    [
+        (PruneConfig(overrides={"fc9": 0.5}), {"fc1.weight": (4, 8)}, "`overrides` pattern 'fc9'"),
+        (iterative(rates={"fc9": 0.1}), {"fc1.weight": (4, 8)}, "`rates` pattern 'fc9'"),
+        (
+            iterative(rates={"fc1": 0.1}, overrides={"fc1": 0.5}),
+            {"fc1.weight": (4, 8)},
+            r"\['fc1.weight'\] match both `overrides` and `rates`",
+        ),
+        (
+            PruneConfig(structure="2:4"),
+            {"fc1.weight": (4, 8), "fc2.weight": (4, 6)},
+            "'fc2.weight' has 6 inputs along dim 1, not divisible by M=4",
+        ),
+    ],
+)
+def test_targets_that_cannot_be_planned_raise(config, shapes, match):
+    with pytest.raises(ValueError, match=match):
+        check_targets(config, shapes)
