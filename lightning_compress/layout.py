@@ -55,21 +55,31 @@ class WeightLayout:
     def in_features(self, weight: torch.Tensor) -> int:
         return int(weight.shape[self.in_axis])
 
+    def canonical(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as ``(out, in, *kernel)`` (a view): the standard layout's axis order."""
+        return weight if self.standard else weight.permute(self._order(weight.dim()))
+
+    def uncanonical(self, canonical: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`canonical` (a view)."""
+        if self.standard:
+            return canonical
+        order = self._order(canonical.dim())
+        return canonical.permute([order.index(a) for a in range(canonical.dim())])
+
+    def canonical_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[a] for a in self._order(len(shape)))
+
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as ``(out, reduction)``: a view for standard layouts, else a copy."""
-        if self.standard:
-            return weight.reshape(weight.shape[0], -1)
-        moved = weight.permute(self._order(weight.dim()))
+        moved = self.canonical(weight)
         return moved.reshape(moved.shape[0], -1)
 
     def from_matrix(
         self, matrix: torch.Tensor, shape: torch.Size | tuple[int, ...]
     ) -> torch.Tensor:
         """The inverse of :meth:`matrix`: a ``(out, reduction)`` tensor back in ``shape``."""
-        order = self._order(len(shape))
-        moved = matrix.reshape([shape[a] for a in order])
-        inverse = [order.index(a) for a in range(len(shape))]
-        return moved.permute(inverse).contiguous()
+        moved = matrix.reshape(self.canonical_shape(tuple(shape)))
+        return self.uncanonical(moved).contiguous()
 
     def per_channel(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
         """Per-output-channel ``values`` shaped to broadcast against a weight of ``ndim`` dims."""

@@ -7,12 +7,15 @@ Shared by every callback that targets weights, so "fc1", "net.fc1", "*.fc*" and
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from lightning_compress.layout import registered_weights
+
+log = logging.getLogger(__name__)
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -273,3 +276,17 @@ def match_overrides(
         for hit in hits:
             out.setdefault(hit, value)
     return out
+
+
+def log_targeting(owner: str, targeting: Targeting) -> None:
+    """Logs, once per process group (rank zero), what ``owner`` will compress and what not."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    left = sum(1 for r in targeting.rows if not r["targeted"])
+    rank_zero_only(log.info)(
+        "%s: targets %d weights, leaves %d alone:\n%s",
+        owner,
+        len(targeting.names),
+        left,
+        targeting.table(),
+    )

@@ -13,12 +13,13 @@ from typing_extensions import override
 
 from lightning_compress.callbacks._configured import ConfiguredCallback
 from lightning_compress.clock import resolve_steps
+from lightning_compress.layout import WeightLayout, layout_for_name
 from lightning_compress.pruning.config import PruneConfig
 from lightning_compress.pruning.events import PruneListener
 from lightning_compress.pruning.flipout import FlipCounter
 from lightning_compress.pruning.hard_masks import ZERO_PRESERVING_OPTIMIZERS, HardMasks
 from lightning_compress.pruning.plan import PrunePlan, build_plan, check_targets
-from lightning_compress.targets import resolve_weights
+from lightning_compress.targets import log_targeting, resolve_targets, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class PruneCallback(ConfiguredCallback):
         self.events: list[dict[str, Any]] = []
         self._listeners: list[PruneListener] = []
         self.targets: list[str] = []
+        self.layouts: dict[str, WeightLayout] = {}
         self.plan: PrunePlan | None = None
         self.masks: HardMasks | None = None
         self._last_event = -1
@@ -229,7 +231,10 @@ class PruneCallback(ConfiguredCallback):
         return resolve_weights(pl_module, self.include, self.exclude, owner="PruneCallback")
 
     def _resolve_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.targets = self.resolve(pl_module)
+        targeting = resolve_targets(pl_module, self.include, self.exclude, owner="PruneCallback")
+        log_targeting("PruneCallback", targeting)
+        self.targets = targeting.names
+        self.layouts = {name: layout_for_name(pl_module, name) for name in self.targets}
         for other in trainer.callbacks:
             if isinstance(other, PruneCallback) and other is not self:
                 shared = sorted(set(self.targets) & set(other.resolve(pl_module)))
@@ -239,14 +244,15 @@ class PruneCallback(ConfiguredCallback):
                         "disjoint `include`/`exclude` patterns"
                     )
         params = {name: pl_module.get_parameter(name) for name in self.targets}
-        check_targets(self.config, {name: p.shape for name, p in params.items()})
+        shapes = {n: self.layouts[n].canonical_shape(tuple(p.shape)) for n, p in params.items()}
+        check_targets(self.config, shapes)
         self.masks = HardMasks(params)
         if self.criterion == "flipout":
             self.flips = FlipCounter(params, self.flipout_noise, self.seed)
 
     def _make_plan(self, trainer: pl.Trainer) -> None:
         steps = resolve_steps(trainer, start=self.start, end=self.end, every=self.every)
-        self.plan = build_plan(self.config, self.targets, **steps)  # type: ignore[arg-type]
+        self.plan = build_plan(self.config, self.targets, **steps, layouts=self.layouts)  # type: ignore[arg-type]
         last = self.plan.last_event()
         total = trainer.estimated_stepping_batches
         if last is not None and self.schedule != "constant" and last >= total:

@@ -167,15 +167,23 @@ def unstructured_masks(
 
 
 def check_nm_inputs(name: str, shape: Sequence[int], n: int, m: int) -> None:
-    """Raises unless M divides the inputs (dim 1) of the weight ``name`` of ``shape``.
+    """Raises unless M divides the inputs of the weight ``name``.
+
+    Args:
+        name: The weight's qualified name.
+        shape: Its shape in (out, in, *kernel) order.
+        n: N of the pattern.
+        m: M of the pattern.
 
     Raises:
-        ValueError: Naming the structure, the weight, its inputs and M.
+        ValueError: Naming the structure, the weight, its inputs, M and the exact ``exclude``
+            pattern that leaves out this layer alone.
     """
     if shape[1] % m:
+        module = name.rpartition(".")[0] or name
         raise ValueError(
-            f"`structure`='{n}:{m}': {name!r} has {shape[1]} inputs along dim 1, not divisible "
-            f"by M={m}; exclude it or pick another M"
+            f"`structure`='{n}:{m}': {name!r} has {shape[1]} inputs, not divisible by M={m}; "
+            f"exclude this layer alone with `exclude=['^{module}']` or pick another M"
         )
 
 

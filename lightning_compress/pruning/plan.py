@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_compress.layout import STANDARD, WeightLayout
 from lightning_compress.pruning.criteria import CriterionContext, get_criterion
 from lightning_compress.pruning.masks import (
     channel_masks,
@@ -42,6 +43,8 @@ class PrunePlan:
         structure: ``"unstructured"``, ``"channel"`` or ``"N:M"``.
         criterion: Name of a registered criterion.
         seed: Seed handed to the criterion (random scores stay identical across ranks).
+        layouts: Per name, the weight's layout where it is not ``(out, in, *kernel)`` (a
+            transformers ``Conv1D``): channels and N:M groups follow it.
     """
 
     schedules: dict[str, Schedule]
@@ -49,6 +52,7 @@ class PrunePlan:
     structure: str = "unstructured"
     criterion: str = "magnitude"
     seed: int = 0
+    layouts: dict[str, WeightLayout] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._nm = parse_nm(self.structure)
@@ -92,10 +96,33 @@ class PrunePlan:
         """Keep-masks at ``step``; never un-prunes what ``current`` already pruned."""
         targets = self.targets(step)
         if self.structure == "channel":
-            return channel_masks(weights, current, targets, self.global_groups)
+            masks = channel_masks(
+                self._canonical(weights), self._canonical(current), targets, self.global_groups
+            )
+            return self._canonical(masks, back=True)
         scores = self.scores(step, weights, state or {})
         if self._nm is None:
             return unstructured_masks(scores, current, targets, self.global_groups)
+        masks = self._nm_masks(targets, self._canonical(scores), self._canonical(current))
+        return self._canonical(masks, back=True)
+
+    def _canonical(
+        self, tensors: dict[str, torch.Tensor], back: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Tensors in (out, in, *kernel) order (or back to the weights' own), per layout."""
+        out = {}
+        for name, t in tensors.items():
+            layout = self.layouts.get(name, STANDARD)
+            out[name] = layout.uncanonical(t).contiguous() if back else layout.canonical(t)
+        return out
+
+    def _nm_masks(
+        self,
+        targets: dict[str, float],
+        scores: dict[str, torch.Tensor],
+        current: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        assert self._nm is not None
         n, m = self._nm
         out = {}
         for name, score in scores.items():
@@ -130,7 +157,8 @@ def check_targets(config: PruneConfig, shapes: Mapping[str, Sequence[int]]) -> N
 
     Args:
         config: The callback's settings.
-        shapes: Per targeted name, the weight's shape.
+        shapes: Per targeted name, the weight's shape in (out, in, *kernel) order
+            (:meth:`~lightning_compress.layout.WeightLayout.canonical_shape`).
 
     Raises:
         ValueError: Bad ``overrides``/``rates`` patterns, or an N:M structure whose M does not
@@ -143,7 +171,12 @@ def check_targets(config: PruneConfig, shapes: Mapping[str, Sequence[int]]) -> N
 
 
 def build_plan(
-    config: PruneConfig, targets: Sequence[str], start: int, end: int, every: int
+    config: PruneConfig,
+    targets: Sequence[str],
+    start: int,
+    end: int,
+    every: int,
+    layouts: Mapping[str, WeightLayout] | None = None,
 ) -> PrunePlan:
     """The plan of ``config`` for ``targets``, on the clock the steps were converted on.
 
@@ -157,6 +190,7 @@ def build_plan(
         start: ``config.start`` in optimizer steps.
         end: ``config.end`` in optimizer steps.
         every: ``config.every`` in optimizer steps.
+        layouts: Per name, the weight's layout where it is not the standard one.
 
     Raises:
         ValueError: ``end`` before ``start`` for a linear or cubic ramp (units that differ only
@@ -188,4 +222,5 @@ def build_plan(
         structure=config.structure,
         criterion=config.criterion,
         seed=config.seed,
+        layouts={n: lay for n, lay in (layouts or {}).items() if not lay.standard},
     )

@@ -251,7 +251,7 @@ def test_nm_ties_are_pruned_in_index_order_and_deterministic():
 
 @pytest.mark.parametrize(("name", "shape"), [("fc", (3, 6)), ("conv", (4, 6, 3, 3))])
 def test_nm_divisibility_error_names_the_structure_layer_size_and_m(name, shape):
-    match = rf"`structure`='2:4': '{name}' has 6 inputs along dim 1, not divisible by M=4"
+    match = rf"`structure`='2:4': '{name}' has 6 inputs, not divisible by M=4"
     with pytest.raises(ValueError, match=match):
         nm_masks({name: torch.randn(shape)}, 2, 4, 2)
 

@@ -77,7 +77,7 @@ def test_a_oneshot_ignores_an_end_before_its_start():
         (
             PruneConfig(structure="2:4"),
             {"fc1.weight": (4, 8), "fc2.weight": (4, 6)},
-            "'fc2.weight' has 6 inputs along dim 1, not divisible by M=4",
+            "'fc2.weight' has 6 inputs, not divisible by M=4",
         ),
     ],
 )
