@@ -2,7 +2,8 @@
 
 Every ``lightning_compress/csrc/*.cpp`` file is compiled into ``lightning_compress._C``; CUDA
 sources (``csrc/cuda/*.cu``) join them only where both a CUDA toolkit and a CUDA build of torch
-exist. Adding an op is one source file here plus one registration in ``lightning_compress/ops``.
+exist. Adding an op is its schema in ``lightning_compress/ops/_library.py``, its reference and
+fake kernel beside it in ``lightning_compress/ops``, and its kernels in a source file here.
 
 Set ``LIGHTNING_COMPRESS_BUILD_EXT=0`` to install without compiling anything: the library then
 runs its pure-PyTorch references (with one warning).
@@ -35,27 +36,16 @@ def _extensions() -> tuple[list, dict]:
         # Kernels pick their SIMD path at run time; the baseline build must run on any x86-64.
         cxx.append("-mno-avx512f")
     extra = {"cxx": cxx}
-    define_macros = [("Py_LIMITED_API", "0x030A0000")]
     if use_cuda:
         extra["nvcc"] = ["-O3", "-std=c++17"]
-        define_macros.append(("LC_WITH_CUDA", "1"))
-        ext = CUDAExtension(
-            "lightning_compress._C",
-            sources + cuda_sources,
-            extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
-            define_macros=define_macros,
-            py_limited_api=True,
-        )
-    else:
-        ext = CppExtension(
-            "lightning_compress._C",
-            sources,
-            extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
-            define_macros=define_macros,
-            py_limited_api=True,
-        )
+    ext = (CUDAExtension if use_cuda else CppExtension)(
+        "lightning_compress._C",
+        sources + cuda_sources if use_cuda else sources,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        define_macros=[("Py_LIMITED_API", "0x030A0000")],
+        py_limited_api=True,
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -49,11 +49,6 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed, int64_t numel) {
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(lightning_compress, m) {
-  m.def("pack_bits(Tensor mask) -> Tensor");
-  m.def("unpack_bits(Tensor packed, int numel) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) {
   m.impl("pack_bits", &pack_bits_cpu);
   m.impl("unpack_bits", &unpack_bits_cpu);

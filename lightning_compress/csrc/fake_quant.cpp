@@ -63,10 +63,6 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_rows_cpu(const at::Tensor& weight,
   return {out, scale};
 }
 
-TORCH_LIBRARY_FRAGMENT(lightning_compress, m) {
-  m.def("fake_quant_rows(Tensor weight, int bits) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) { m.impl("fake_quant_rows", &fake_quant_rows_cpu); }
 
 }  // namespace lightning_compress

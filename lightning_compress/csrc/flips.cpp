@@ -49,7 +49,6 @@ void flip_count_cpu(const at::Tensor& param, at::Tensor& sign, at::Tensor& flips
   });
 }
 
-
 // FlipOut's gradient noise, fused with gradient masking: g *= keep, then
 // g += lambda * ||g||_2 / sqrt(n) * noise * keep. The norm is summed in fixed blocks of
 // kBlock elements (in double, blocks added in order), so it does not depend on the number of
@@ -152,11 +151,6 @@ void masked_noise_cpu(at::Tensor& grad, const std::optional<at::Tensor>& keep,
       }
     });
   });
-}
-
-TORCH_LIBRARY_FRAGMENT(lightning_compress, m) {
-  m.def("flip_count_(Tensor param, Tensor(a!) sign, Tensor(b!) flips) -> ()");
-  m.def("masked_noise_(Tensor(a!) grad, Tensor? keep, Tensor noise, float lam) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) {

@@ -30,8 +30,6 @@ at::Tensor hugepage_copy_cpu(const at::Tensor& t) {
   return at::from_blob(ptr, src.sizes(), [](void* p) { std::free(p); }, src.options());
 }
 
-TORCH_LIBRARY_FRAGMENT(lightning_compress, m) { m.def("hugepage_copy(Tensor t) -> Tensor"); }
-
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) { m.impl("hugepage_copy", &hugepage_copy_cpu); }
 
 }  // namespace lightning_compress

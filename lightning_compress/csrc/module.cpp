@@ -1,5 +1,6 @@
 // The Python module shell of lightning_compress._C. Importing it loads this shared library,
-// whose static initialisers register every op with torch.library; the module itself is empty.
+// whose static initialisers register the CPU (and CUDA) kernels of the ops that
+// lightning_compress/ops/_library.py defined beforehand; the module itself is empty.
 #include <Python.h>
 
 extern "C" {

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "epilogue.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -39,8 +41,7 @@ namespace {
 
 constexpr int64_t kBatchTile = 64;  // batch columns per pass over a sparse row
 constexpr int64_t kDenseGemvMaxBatch = 16;
-constexpr int64_t kGatherMaxBatch = 2;
-constexpr int64_t kBand = 96;  // rows sharing one pass over chunks of x (batched sparse path)  // batches up to this size gather x per non-zero
+constexpr int64_t kGatherMaxBatch = 2;  // batches up to this size gather x per non-zero
 
 // AVX-512 paths run when the CPU has AVX-512F/BW/VL, unless LIGHTNING_COMPRESS_NO_AVX512 is set
 // to a non-empty value other than "0" (tests use it to check the portable loops).
@@ -296,40 +297,6 @@ void sparse_rows_tile(const float* xt, int64_t ldx, int64_t bt, const int64_t* r
   }
 }
 
-// The end of every path: y = dot * scale[r] + bias[r], then, when the layer was trained with
-// quantized activations (act_scale > 0), fake quantization to [0, qmax] with that scale and zero
-// point, computed as torch.fake_quantize_per_tensor_affine computes it.
-struct Epilogue {
-  Epilogue(const float* scale_, const float* bias_, float act_scale_, int64_t zero_point_,
-           int64_t qmax_)
-      : scale(scale_), bias(bias_), act_scale(act_scale_),
-        inv(act_scale_ > 0.0f ? 1.0f / act_scale_ : 0.0f), zero_point(zero_point_), qmax(qmax_) {}
-
-  const float* scale;
-  const float* bias;
-  float act_scale;
-  float inv;
-  int64_t zero_point;
-  int64_t qmax;
-
-  // Round half to even in the default rounding mode without a libm call on SSE2-only builds:
-  // adding and removing 1.5 * 2^23 leaves the nearest integer for |v| < 2^22.
-  static inline float round_even(float v) {
-    constexpr float kMagic = 12582912.0f;
-    return std::fabs(v) < 4194304.0f ? (v + kMagic) - kMagic : std::nearbyint(v);
-  }
-
-  inline float operator()(int64_t r, float dot) const {
-    const float v = dot * scale[r] + (bias ? bias[r] : 0.0f);
-    if (act_scale <= 0.0f) return v;
-    // In float: zero point and levels are small integers, so every step but the rounding is
-    // exact, and the product rounds once, as torch's double product cast to float does.
-    const float zp = static_cast<float>(zero_point);
-    const float q = std::min(std::max(round_even(v * inv) + zp, 0.0f), static_cast<float>(qmax));
-    return (q - zp) * act_scale;
-  }
-};
-
 template <typename Idx>
 void sparse_linear_impl(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_t,
                         const at::Tensor& values, const Epilogue& ep, at::Tensor& y) {
@@ -445,8 +412,7 @@ at::Tensor sparse_int_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0 || n == 0) return y;
-  const Epilogue ep{sc.data_ptr<float>(), bc ? bc->data_ptr<float>() : nullptr,
-                    static_cast<float>(act_scale), act_zero_point, act_qmax};
+  const Epilogue ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
   if (narrow) {
     sparse_linear_impl<int16_t>(xc, rp, c, values.contiguous(), ep, y);
   } else {
@@ -480,7 +446,7 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
   const float* s = sc.data_ptr<float>();
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   const float* bp = bc ? bc->data_ptr<float>() : nullptr;
-  const Epilogue ep{s, bp, static_cast<float>(act_scale), act_zero_point, act_qmax};
+  const Epilogue ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, n}, x.options());
   if (batch == 0 || n == 0) return y;
@@ -546,16 +512,6 @@ at::Tensor int_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const 
     return at::fake_quantize_per_tensor_affine(y, act_scale, act_zero_point, 0, act_qmax);
   }
   return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(lightning_compress, m) {
-  m.def(
-      "sparse_int_linear(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scale, "
-      "Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
-      "int act_qmax=255) -> Tensor");
-  m.def(
-      "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, "
-      "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_compress, CPU, m) {

@@ -7,6 +7,19 @@ import torch
 from lightning_compress.ops._library import register_op
 
 
+def _check_weight(weight: torch.Tensor, bits: int) -> None:
+    torch._check_value(
+        2 <= bits <= 8, lambda: f"fake_quant_rows: `bits` must be in [2, 8], got {bits}"
+    )
+    torch._check_type(
+        weight.dtype == torch.float32,
+        lambda: f"fake_quant_rows: `weight` must be float32, got {weight.dtype}",
+    )
+    torch._check_value(
+        weight.dim() >= 1, lambda: "fake_quant_rows: `weight` needs an output-channel dimension"
+    )
+
+
 def fake_quant_rows_reference(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``clamp(round(w / s), -qmax, qmax) * s`` with ``s = max|row| / qmax`` per output channel.
 
@@ -17,12 +30,10 @@ def fake_quant_rows_reference(weight: torch.Tensor, bits: int) -> tuple[torch.Te
     Returns:
         The fake-quantized weight and the per-channel scales (float32, shape [C]).
     """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"fake_quant_rows: `bits` must be in [2, 8], got {bits}")
-    if weight.dtype != torch.float32:
-        raise TypeError(f"fake_quant_rows: `weight` must be float32, got {weight.dtype}")
+    _check_weight(weight, bits)
     qmax = 2 ** (bits - 1) - 1
-    rows = weight.reshape(weight.shape[0], -1)
+    # Contiguous, as the compiled kernel's outputs are whatever the input's strides.
+    rows = weight.contiguous().view(weight.shape[0], -1)
     scale = (
         rows.abs().amax(dim=1).clamp_min(1e-12) / qmax
         if rows.shape[1]
@@ -33,11 +44,9 @@ def fake_quant_rows_reference(weight: torch.Tensor, bits: int) -> tuple[torch.Te
 
 
 def _fake_quant_rows_fake(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+    _check_weight(weight, bits)
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return out, weight.new_empty((weight.shape[0],))
 
 
-fake_quant_rows = register_op(
-    "fake_quant_rows(Tensor weight, int bits) -> (Tensor, Tensor)",
-    fake_quant_rows_reference,
-    _fake_quant_rows_fake,
-)
+fake_quant_rows = register_op("fake_quant_rows", fake_quant_rows_reference, _fake_quant_rows_fake)

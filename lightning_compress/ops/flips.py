@@ -9,6 +9,19 @@ import torch
 from lightning_compress.ops._library import register_op
 
 
+def _check_flip_count(param: torch.Tensor, sign: torch.Tensor, flips: torch.Tensor) -> None:
+    torch._check_type(
+        sign.dtype == torch.int8 and flips.dtype == torch.int32,
+        lambda: (
+            f"flip_count_: `sign` must be int8 and `flips` int32, got {sign.dtype}, {flips.dtype}"
+        ),
+    )
+    torch._check_value(
+        param.shape == sign.shape == flips.shape,
+        lambda: "flip_count_: `param`, `sign` and `flips` must have the same shape",
+    )
+
+
 def flip_count_reference(param: torch.Tensor, sign: torch.Tensor, flips: torch.Tensor) -> None:
     """Adds 1 to ``flips`` where ``param``'s sign strictly changed from ``sign``, then stores it.
 
@@ -17,29 +30,31 @@ def flip_count_reference(param: torch.Tensor, sign: torch.Tensor, flips: torch.T
         sign: int8 signs (-1, 0, +1) of the weights before the step; overwritten in place.
         flips: int32 counts, same shape; incremented in place. Zeros never count as flips.
     """
-    if sign.dtype != torch.int8 or flips.dtype != torch.int32:
-        raise TypeError(
-            f"flip_count_: `sign` must be int8 and `flips` int32, got {sign.dtype}, {flips.dtype}"
-        )
-    if param.shape != sign.shape or param.shape != flips.shape:
-        raise ValueError("flip_count_: `param`, `sign` and `flips` must have the same shape")
+    _check_flip_count(param, sign, flips)
     now = torch.sign(param.detach()).to(torch.int8)
     flips.add_((now.to(torch.int32) * sign.to(torch.int32)) < 0)
     sign.copy_(now)
 
 
 def _flip_count_fake(param: torch.Tensor, sign: torch.Tensor, flips: torch.Tensor) -> None:
-    return None
+    _check_flip_count(param, sign, flips)
 
 
-flip_count_ = register_op(
-    "flip_count_(Tensor param, Tensor(a!) sign, Tensor(b!) flips) -> ()",
-    flip_count_reference,
-    _flip_count_fake,
-)
+flip_count_ = register_op("flip_count_", flip_count_reference, _flip_count_fake)
 
 
 BLOCK = 32768  # the norm is summed in blocks of this many elements, in order
+
+
+def _check_masked_noise(grad: torch.Tensor, keep: torch.Tensor | None, noise: torch.Tensor) -> None:
+    torch._check_value(
+        noise.shape == grad.shape and noise.dtype == grad.dtype,
+        lambda: "masked_noise_: `noise` must match `grad` in shape and dtype",
+    )
+    torch._check_value(
+        keep is None or (keep.shape == grad.shape and keep.dtype == grad.dtype),
+        lambda: "masked_noise_: `keep` must match `grad` in shape and dtype",
+    )
 
 
 def masked_noise_reference(
@@ -53,10 +68,7 @@ def masked_noise_reference(
         noise: Standard normal numbers, ``grad``'s shape and dtype.
         lam: Noise scale relative to the gradient's RMS.
     """
-    if noise.shape != grad.shape or noise.dtype != grad.dtype:
-        raise ValueError("masked_noise_: `noise` must match `grad` in shape and dtype")
-    if keep is not None and (keep.shape != grad.shape or keep.dtype != grad.dtype):
-        raise ValueError("masked_noise_: `keep` must match `grad` in shape and dtype")
+    _check_masked_noise(grad, keep, noise)
     if grad.numel() == 0:
         return
     if keep is not None:
@@ -75,11 +87,7 @@ def masked_noise_reference(
 def _masked_noise_fake(
     grad: torch.Tensor, keep: torch.Tensor | None, noise: torch.Tensor, lam: float
 ) -> None:
-    return None
+    _check_masked_noise(grad, keep, noise)
 
 
-masked_noise_ = register_op(
-    "masked_noise_(Tensor(a!) grad, Tensor? keep, Tensor noise, float lam) -> ()",
-    masked_noise_reference,
-    _masked_noise_fake,
-)
+masked_noise_ = register_op("masked_noise_", masked_noise_reference, _masked_noise_fake)

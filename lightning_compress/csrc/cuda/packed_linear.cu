@@ -1,16 +1,19 @@
-// CUDA kernels of sparse_int_linear and int_linear (schemas in ../packed_linear.cpp): one warp
-// per (output row, batch row), lanes striding over the row's weights, a warp-shuffle reduction,
-// then the same epilogue as the CPU kernels (scale, bias, optional output fake quantization).
-// Built only where a CUDA toolkit and a CUDA build of torch exist.
+// CUDA kernels of sparse_int_linear and int_linear (schemas in lightning_compress/ops/_library.py):
+// one warp per (output row, batch row), lanes striding over the row's weights, a warp-shuffle
+// reduction, then the CPU kernels' epilogue (../epilogue.h: scale, bias, optional output fake
+// quantization). Built only where a CUDA toolkit and a CUDA build of torch exist.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../epilogue.h"
+
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <type_traits>
 
 namespace lightning_compress {
 namespace {
@@ -18,83 +21,80 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 
-struct EpilogueArgs {
-  const float* scale;
-  const float* bias;
-  float act_scale;
-  float act_inv;
-  float zero_point;
-  float qmax;
-};
-
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   return v;
 }
 
-__device__ __forceinline__ float finish(const EpilogueArgs& ep, int64_t r, float dot) {
-  float v = dot * ep.scale[r] + (ep.bias ? ep.bias[r] : 0.0f);
-  if (ep.act_scale > 0.0f) {
-    const float q = fminf(fmaxf(nearbyintf(v * ep.act_inv) + ep.zero_point, 0.0f), ep.qmax);
-    v = (q - ep.zero_point) * ep.act_scale;
-  }
-  return v;
-}
-
+// One lane's share of row r's dot product with the batch row xb: every kWarp-th non-zero.
 template <typename Idx>
-__global__ void sparse_kernel(const float* __restrict__ x, const int64_t* __restrict__ row_ptr,
-                              const Idx* __restrict__ col, const int8_t* __restrict__ val,
-                              EpilogueArgs ep, float* __restrict__ y, int64_t batch, int64_t k,
-                              int64_t n, bool narrow) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (warp >= batch * n) return;
-  const int64_t b = warp / n;
-  const int64_t r = warp % n;
-  const float* xb = x + b * k;
-  float sum = 0.0f;
-  for (int64_t j = row_ptr[r] + lane; j < row_ptr[r + 1]; j += kWarp) {
-    const int64_t c = narrow ? static_cast<int64_t>(static_cast<uint16_t>(col[j])) : col[j];
-    sum += static_cast<float>(val[j]) * xb[c];
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) y[b * n + r] = finish(ep, r, sum);
-}
+struct SparseRow {
+  const int64_t* row_ptr;
+  const Idx* col;
+  const int8_t* val;
 
-__global__ void dense_kernel(const float* __restrict__ x, const uint8_t* __restrict__ w,
-                             int64_t ldw, int bits, EpilogueArgs ep, float* __restrict__ y,
-                             int64_t batch, int64_t k, int64_t n) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (warp >= batch * n) return;
-  const int64_t b = warp / n;
-  const int64_t r = warp % n;
-  const float* xb = x + b * k;
-  const uint8_t* row = w + r * ldw;
-  float sum = 0.0f;
-  for (int64_t i = lane; i < k; i += kWarp) {
-    int q;
-    if (bits == 8) {
-      q = static_cast<int8_t>(row[i]);
-    } else {
-      const int nib = (i & 1) ? (row[i >> 1] >> 4) : (row[i >> 1] & 0xF);
-      q = (nib ^ 8) - 8;
+  __device__ __forceinline__ float operator()(const float* __restrict__ xb, int64_t r,
+                                              int lane) const {
+    float sum = 0.0f;
+    for (int64_t j = row_ptr[r] + lane; j < row_ptr[r + 1]; j += kWarp) {
+      // int16 indices hold uint16 columns (up to 65536 inputs).
+      const int64_t c = std::is_same<Idx, int16_t>::value
+                            ? static_cast<int64_t>(static_cast<uint16_t>(col[j]))
+                            : static_cast<int64_t>(col[j]);
+      sum += static_cast<float>(val[j]) * xb[c];
     }
-    sum += static_cast<float>(q) * xb[i];
+    return sum;
   }
-  sum = warp_sum(sum);
-  if (lane == 0) y[b * n + r] = finish(ep, r, sum);
+};
+
+// The same for a dense row of int8, or of int4 two per byte (low nibble the even column).
+struct DenseRow {
+  const uint8_t* w;
+  int64_t ldw;
+  int64_t k;
+  int bits;
+
+  __device__ __forceinline__ float operator()(const float* __restrict__ xb, int64_t r,
+                                              int lane) const {
+    const uint8_t* row = w + r * ldw;
+    float sum = 0.0f;
+    for (int64_t i = lane; i < k; i += kWarp) {
+      int q;
+      if (bits == 8) {
+        q = static_cast<int8_t>(row[i]);
+      } else {
+        const int nib = (i & 1) ? (row[i >> 1] >> 4) : (row[i >> 1] & 0xF);
+        q = (nib ^ 8) - 8;
+      }
+      sum += static_cast<float>(q) * xb[i];
+    }
+    return sum;
+  }
+};
+
+// y [batch, n]: warp (b, r) sums its lanes' shares of row r with batch row b, lane 0 finishes.
+template <typename Row>
+__global__ void linear_kernel(const float* __restrict__ x, Row row, Epilogue ep,
+                              float* __restrict__ y, int64_t batch, int64_t k, int64_t n) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (warp >= batch * n) return;
+  const int64_t b = warp / n;
+  const int64_t r = warp % n;
+  const float sum = warp_sum(row(x + b * k, r, lane));
+  if (lane == 0) y[b * n + r] = ep(r, sum);
 }
 
-EpilogueArgs epilogue(const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-                      double act_scale, int64_t zero_point, int64_t qmax) {
-  const float s = static_cast<float>(act_scale);
-  return {scale.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, s,
-          s > 0.0f ? 1.0f / s : 0.0f, static_cast<float>(zero_point), static_cast<float>(qmax)};
-}
-
-int64_t blocks_for(int64_t warps) {
-  return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+// y = epilogue(x @ rows^T) for contiguous x [batch, k] and y [batch, n] on the current stream.
+template <typename Row>
+void launch(const at::Tensor& x, Row row, const Epilogue& ep, at::Tensor& y) {
+  const int64_t warps = y.numel();
+  if (warps == 0) return;
+  const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  linear_kernel<Row><<<dim3(static_cast<unsigned>(blocks)), dim3(kWarp * kWarpsPerBlock), 0,
+                       c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), row, ep, y.data_ptr<float>(), x.size(0), x.size(1), y.size(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_cuda(const char* op, const at::Tensor& x, const at::Tensor& scale,
@@ -140,22 +140,14 @@ at::Tensor sparse_int_linear_cuda(const at::Tensor& x, const at::Tensor& row_ptr
   const at::Tensor vc = values.contiguous(), sc = scale.contiguous();
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  const int64_t warps = x.size(0) * n;
-  if (warps == 0) return y;
-  const EpilogueArgs ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(blocks_for(warps)));
-  const dim3 block(kWarp * kWarpsPerBlock);
+  const Epilogue ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
+  const int64_t* rpp = rp.data_ptr<int64_t>();
+  const int8_t* vp = vc.data_ptr<int8_t>();
   if (narrow) {
-    sparse_kernel<int16_t><<<grid, block, 0, stream>>>(
-        xc.data_ptr<float>(), rp.data_ptr<int64_t>(), cc.data_ptr<int16_t>(),
-        vc.data_ptr<int8_t>(), ep, y.data_ptr<float>(), x.size(0), x.size(1), n, true);
+    launch(xc, SparseRow<int16_t>{rpp, cc.data_ptr<int16_t>(), vp}, ep, y);
   } else {
-    sparse_kernel<int32_t><<<grid, block, 0, stream>>>(
-        xc.data_ptr<float>(), rp.data_ptr<int64_t>(), cc.data_ptr<int32_t>(),
-        vc.data_ptr<int8_t>(), ep, y.data_ptr<float>(), x.size(0), x.size(1), n, false);
+    launch(xc, SparseRow<int32_t>{rpp, cc.data_ptr<int32_t>(), vp}, ep, y);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 
@@ -176,14 +168,9 @@ at::Tensor int_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scale.contiguous();
   const std::optional<at::Tensor> bc = bias ? std::optional(bias->contiguous()) : std::nullopt;
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  const int64_t warps = x.size(0) * n;
-  if (warps == 0) return y;
-  const EpilogueArgs ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
-  dense_kernel<<<dim3(static_cast<unsigned>(blocks_for(warps))), dim3(kWarp * kWarpsPerBlock), 0,
-                 c10::cuda::getCurrentCUDAStream()>>>(
-      xc.data_ptr<float>(), static_cast<const uint8_t*>(wc.data_ptr()), wc.size(1),
-      static_cast<int>(bits), ep, y.data_ptr<float>(), x.size(0), k, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Epilogue ep = epilogue(sc, bc, act_scale, act_zero_point, act_qmax);
+  launch(xc, DenseRow{static_cast<const uint8_t*>(wc.data_ptr()), wc.size(1), k,
+                      static_cast<int>(bits)}, ep, y);
   return y;
 }
 
