@@ -15,7 +15,7 @@ import os
 import platform
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).parent
 CSRC = Path("lightning_compress") / "csrc"
@@ -49,8 +49,16 @@ def _extensions() -> tuple[list, dict]:
     return [ext], {"build_ext": BuildExtension}
 
 
+# The Hydra app's configs/ and recipes/ (linked in as configs/recipe) stay at the top of the
+# repository; the wheel ships them as this data package, where the app looks first
+# (lightning_compress.app.main.config_dir), so a non-editable install runs every recipe.
+CONFIGS_PACKAGE = "lightning_compress._configs"
+
 ext_modules, cmdclass = _extensions()
 setup(
+    packages=[*find_namespace_packages(include=["lightning_compress*"]), CONFIGS_PACKAGE],
+    package_dir={CONFIGS_PACKAGE: "configs"},
+    package_data={CONFIGS_PACKAGE: ["**/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

@@ -81,7 +81,6 @@ def build_job(cfg: DictConfig, setup_data: bool = True) -> Job:
     callbacks = build_callbacks(cfg)
     logger = build_logger(cfg)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs.pop("_target_", None)
     for key in _INT_TRAINER_ARGS:
         value = trainer_kwargs.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

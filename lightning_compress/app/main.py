@@ -33,8 +33,15 @@ class ConfigurationError(Exception):
 
 
 def config_dir() -> Path:
-    """The directory holding ``config.yaml`` and the config groups (recipes linked in)."""
-    return Path(__file__).resolve().parents[2] / "configs"
+    """The directory holding ``config.yaml`` and the config groups, recipes as the ``recipe`` group.
+
+    An installed wheel ships the repository's ``configs/`` and ``recipes/`` as the data package
+    ``lightning_compress._configs`` (see setup.py); an editable install reads them from the
+    source tree, where ``configs/recipe`` links ``recipes/``.
+    """
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "_configs"
+    return shipped if shipped.is_dir() else package.parent / "configs"
 
 
 def model_file_bytes(model: torch.nn.Module, path: Path) -> int:
