@@ -2,8 +2,9 @@
 
 ``pack(model, path, qat=...)`` writes the artifact, ``load_into(model, path)`` swaps the model's
 layers for :class:`PackedLinear` / :class:`PackedConv2d` and loads the weights, ``report(path)``
-tabulates sizes per layer, ``compare_packed`` scores and times the reloaded artifact against its
-network. Format: :mod:`lightning_compress.export.artifact`.
+tabulates sizes per layer and every layer kept fp32 with the reason (:func:`plan_layers`),
+``compare_packed`` scores and times the reloaded artifact against its network.
+Format: :mod:`lightning_compress.export.artifact`.
 """
 
 from lightning_compress.export.artifact import (
@@ -13,13 +14,13 @@ from lightning_compress.export.artifact import (
     Report,
     load_into,
     pack,
-    packable_layers,
     packer,
     read,
     report,
 )
 from lightning_compress.export.measure import PackedComparison, compare_packed, evaluate, latency
 from lightning_compress.export.modules import PackedConv2d, PackedLinear
+from lightning_compress.export.plan import UnpackedLayer, packable_layers, plan_layers
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "PackedConv2d",
     "PackedLinear",
     "Report",
+    "UnpackedLayer",
     "compare_packed",
     "evaluate",
     "latency",
@@ -36,6 +38,7 @@ __all__ = [
     "pack",
     "packable_layers",
     "packer",
+    "plan_layers",
     "read",
     "report",
 ]

@@ -12,11 +12,20 @@ Tensors:
   embeddings, layers left uncompressed in fp32).
 
 The safetensors header's ``__metadata__`` (strings only) holds ``format``
-(``"lightning-compress"``), ``format_version``, ``layers`` (a JSON table: name, kind, shape, bits,
-layout, counts, convolution geometry, activation range) and ``checksum``: SHA-256 over the table
-and every tensor's name, dtype, shape and bytes. Loading parses the header itself, reads tensors
-with safetensors (which never unpickles), verifies the checksum and matches every layer against
-the target model before anything in the model changes.
+(``"lightning-compress"``), ``format_version``, ``layers`` (a JSON table: name, kind, module type,
+the module's weight shape and its (out, in) axes, the canonical matrix shape, bits, layout,
+counts, convolution geometry, activation range), ``unpacked`` (a JSON list of every other
+weight-bearing layer: name, type and the reason it is kept fp32; absent in artifacts written
+before it existed) and ``checksum``: SHA-256 over the table, the list and every tensor's name,
+dtype, shape and bytes. Loading parses the header itself, reads tensors with safetensors (which
+never unpickles), verifies the checksum and matches every layer against the target model before
+anything in the model changes.
+
+Integers are stored in their canonical order, output channels first
+(:mod:`lightning_compress.layout`): for transformers' ``Conv1D``, whose weight is ``(in, out)``,
+that is the transpose, so it packs and reloads as a
+:class:`~lightning_compress.export.PackedLinear`. Weights of 2 to 4 bits share the nibble
+container of int4, 5 to 8 bits the int8 one; the table keeps the true bits.
 
 Writing takes a :class:`~lightning_compress.quantization.CompressionRecord` (the one a
 ``QATCallback`` made, or post-training integers) and stores each layer record with the packer
@@ -26,13 +35,13 @@ new record class and one packer.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +52,15 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lightning_compress.export import positions
-from lightning_compress.export.modules import PackedConv2d, PackedLinear, conv_params, packable
+from lightning_compress.export.modules import (
+    PackedConv2d,
+    PackedLinear,
+    conv_params,
+    packed_kind,
+    unpackable_reason,
+)
+from lightning_compress.export.plan import UnpackedLayer, plan_layers
+from lightning_compress.layout import STANDARD, WeightLayout, layout_of
 from lightning_compress.quantization import (
     CompressionRecord,
     LayerRecord,
@@ -57,6 +74,9 @@ FORMAT = "lightning-compress"
 FORMAT_VERSION = 1
 SPARSE_MAX_DENSITY = 0.5  # layers with at most this share of non-zero integers are stored sparse
 _MAX_HEADER = 100 << 20
+_DROPPED = " (its record is not stored)"  # appended to an unpacked layer's reason
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(ValueError):
@@ -66,36 +86,8 @@ class ArtifactError(ValueError):
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _attention_children(model: nn.Module) -> set[str]:
-    """Modules inside nn.MultiheadAttention, which reads their weights without calling them."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            names.update(f"{name}.{c}" if name else c for c, _ in module.named_modules() if c)
-    return names
-
-
-def packable_layers(model: nn.Module, exclude: list[str] | None = None) -> dict[str, nn.Module]:
-    """Linear and Conv2d (groups=1) layers that packing may replace, by module name.
-
-    Left out: layers inside nn.MultiheadAttention, layers whose weight is shared with another
-    module (tied weights), and names matching an ``exclude`` pattern.
-    """
-    skip = _attention_children(model)
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            owners[id(weight)] = owners.get(id(weight), 0) + 1
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if name
-        and packable(module)
-        and name not in skip
-        and owners.get(id(module.weight), 0) == 1
-        and not any(fnmatch.fnmatchcase(name, p) for p in exclude or [])
-    }
+def _layout(module: nn.Module) -> WeightLayout:
+    return layout_of(module) or STANDARD
 
 
 def _record(
@@ -109,7 +101,11 @@ def _record(
         if bits is None:
             return CompressionRecord(())
         return CompressionRecord(
-            QuantizedLayer.from_weight(f"{name}.weight", module.weight.detach().cpu(), bits)
+            QuantizedLayer.from_weight(
+                f"{name}.weight",
+                _layout(module).canonical(module.weight.detach().cpu()).contiguous(),
+                bits,
+            )
             for name, module in layers.items()
         )
     if isinstance(qat, CompressionRecord):
@@ -128,8 +124,12 @@ def _record(
     return record.relative_to(model)
 
 
-def checksum(layers_json: str, tensors: dict[str, torch.Tensor]) -> str:
+def checksum(
+    layers_json: str, tensors: dict[str, torch.Tensor], unpacked_json: str | None = None
+) -> str:
     digest = hashlib.sha256(layers_json.encode())
+    if unpacked_json is not None:  # absent from older artifacts, whose sums stay as they were
+        digest.update(b"\0unpacked\0" + unpacked_json.encode())
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
         digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
@@ -159,41 +159,78 @@ def pack(
             8 or 4 bits; None leaves them fp32.
         exclude: Module-name patterns to leave uncompressed.
 
+    Every weight-bearing layer that is not packed is listed, with the reason, in the
+    artifact (``report`` shows it) and in an INFO log line; a layer the record quantized but
+    that cannot be packed is also a WARNING, since the reloaded model computes it in fp32.
+
     Raises:
         ValueError: ``bits`` not 8, 4 or None; a ``qat`` without integers; a ``model`` outside
-            the module the record was taken from; a record kind no packer handles.
+            the module the record was taken from; a record kind no packer handles; integers
+            not in their layer's canonical (out, in, *kernel) shape.
         TypeError: ``qat`` neither a record nor something holding one.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"`bits` must be 8, 4 or None, got {bits!r}")
-    layers = packable_layers(model, exclude)
-    record = _record(model, qat, bits, layers)
+    plan = plan_layers(model, exclude)
+    record = _record(model, qat, bits, plan.packable)
     tensors: dict[str, torch.Tensor] = {}
     table: list[dict[str, Any]] = []
     packed_keys: set[str] = set()
-    for name, module in layers.items():
+    unpacked = dict(plan.unpacked)
+    for name, module in plan.packable.items():
         layer = record.get(f"{name}.weight")
         if layer is None:
+            why = "`bits=None`" if qat is None else "not quantized by `qat`"
+            unpacked[name] = UnpackedLayer(name, type(module).__name__, f"{why}: kept fp32")
             continue
         table.append(_packer(layer)(name, module, layer, tensors))
         packed_keys.update({f"{name}.weight", f"{name}.bias"})
+    _note_dropped(record, packed_keys, unpacked)
     for key, value in model.state_dict().items():
         if key not in packed_keys:
             # A copy: tied weights are two state entries over one storage, which safetensors
             # refuses to write as such.
             tensors[f"state/{key}"] = value.detach().cpu().clone().contiguous()
+    rows = [unpacked[n] for n in plan.order if n in unpacked]
     layers_json = json.dumps(table, separators=(",", ":"))
+    unpacked_json = json.dumps([asdict(r) for r in rows], separators=(",", ":"))
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "layers": layers_json,
-        "checksum": checksum(layers_json, tensors),
+        "unpacked": unpacked_json,
+        "checksum": checksum(layers_json, tensors, unpacked_json),
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(save_safetensors(tensors, metadata=metadata))
     tmp.replace(path)
+    log.info(
+        "pack: %d layers packed, %d weight-bearing layers kept fp32%s",
+        len(table),
+        len(rows),
+        "".join(f"\n  {r.name} ({r.type}): {r.reason}" for r in rows),
+    )
     return path
+
+
+def _note_dropped(
+    record: CompressionRecord, packed_keys: set[str], unpacked: dict[str, UnpackedLayer]
+) -> None:
+    """Marks the unpacked layers whose weights the record compressed, and warns about them."""
+    dropped = [name for name in record if name not in packed_keys]
+    for name in dropped:
+        owner = name.rpartition(".")[0]
+        row = unpacked.get(owner)
+        if row is not None and not row.reason.endswith(_DROPPED):
+            unpacked[owner] = replace(row, reason=row.reason + _DROPPED)
+    if dropped:
+        log.warning(
+            "pack: %d compressed weights of the record cannot be packed and are stored fp32 "
+            "(the reloaded model computes them unquantized): %s",
+            len(dropped),
+            ", ".join(dropped),
+        )
 
 
 Packer = Callable[[str, nn.Module, Any, dict[str, torch.Tensor]], dict[str, Any]]
@@ -227,27 +264,41 @@ def _packer(layer: LayerRecord) -> Packer:
 def _pack_integers(
     name: str, module: nn.Module, layer: QuantizedLayer, tensors: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
-    """Integers and per-channel scales, dense or Rice-coded sparse, int8 or nibble-packed int4."""
+    """Integers and per-channel scales, dense or Rice-coded sparse, int8 or nibble-packed int4.
+
+    The integers are in the canonical (out, in, *kernel) order of the module's layout.
+    """
+    layout = _layout(module)
+    canonical = layout.canonical_shape(tuple(module.weight.shape))
+    if tuple(layer.values.shape) != canonical:
+        raise ValueError(
+            f"{layer.name}: the record's integers have shape {tuple(layer.values.shape)}, the "
+            f"weight's canonical (out, in, *kernel) shape is {canonical} (weight "
+            f"{tuple(module.weight.shape)} of a {type(module).__name__})"
+        )
     prefix = f"packed/{name}/"
     q2d = layer.values.reshape(layer.values.shape[0], -1)
     flat = q2d.reshape(-1)
     nz = flat.nonzero().reshape(-1)
     sparse = nz.numel() <= SPARSE_MAX_DENSITY * max(flat.numel(), 1)
+    kind = packed_kind(module)
     entry: dict[str, Any] = {
         "name": name,
-        "kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+        "kind": kind,
+        "module": type(module).__name__,
         "weight_shape": list(module.weight.shape),
+        "axes": [layout.out_axis, layout.in_axis],
         "shape": list(q2d.shape),
         "bits": layer.bits,
         "layout": "sparse" if sparse else "dense",
         "nnz": int(nz.numel()),
         "bias": module.bias is not None,
     }
-    if isinstance(module, nn.Conv2d):
+    if kind == "conv2d":
         entry["conv"] = conv_params(module)
     values = flat[nz] if sparse else flat
     tensors[prefix + ("values" if sparse else "qweight")] = (
-        pack_int4(values) if layer.bits == 4 else values.contiguous()
+        pack_int4(values) if _container(layer.bits) == 4 else values.contiguous()
     )
     if sparse:
         unary, low, k, unary_bits = positions.encode(nz)
@@ -265,18 +316,27 @@ def _pack_integers(
     return entry
 
 
+def _container(bits: int) -> int:
+    """The stored width of ``bits``-bit integers: 4 (nibbles) up to 4 bits, else 8."""
+    return 4 if bits <= 4 else 8
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
 @dataclass
 class Artifact:
-    """A verified artifact: its layer table and tensors."""
+    """A verified artifact: its layer table, tensors and the layers it kept fp32.
+
+    ``unpacked`` is None for artifacts written before pack listed them.
+    """
 
     path: Path
     size: int
     version: int
     layers: list[dict[str, Any]]
     tensors: dict[str, torch.Tensor]
+    unpacked: list[UnpackedLayer] | None = None
 
 
 def read(path: str | os.PathLike) -> Artifact:
@@ -312,6 +372,8 @@ def read(path: str | os.PathLike) -> Artifact:
         version = int(meta["format_version"])
         layers = json.loads(meta["layers"])
         stored_sum = str(meta["checksum"])
+        unpacked_json = meta.get("unpacked")
+        unpacked = None if unpacked_json is None else json.loads(unpacked_json)
     except (KeyError, ValueError, TypeError):
         raise ArtifactError(f"{path}: corrupted artifact metadata") from None
     if version > FORMAT_VERSION:
@@ -325,28 +387,38 @@ def read(path: str | os.PathLike) -> Artifact:
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"{path}: corrupted or truncated tensor data: {err}") from None
-    if checksum(meta["layers"], tensors) != stored_sum:
+    if checksum(meta["layers"], tensors, unpacked_json) != stored_sum:
         raise ArtifactError(f"{path}: checksum mismatch, the file is corrupted")
-    return Artifact(path, len(data), version, layers, tensors)
+    try:
+        rows = None if unpacked is None else [_unpacked_row(row) for row in unpacked]
+    except (KeyError, TypeError, AttributeError):
+        raise ArtifactError(f"{path}: corrupted list of unpacked layers") from None
+    return Artifact(path, len(data), version, layers, tensors, rows)
+
+
+def _unpacked_row(row: dict[str, Any]) -> UnpackedLayer:
+    return UnpackedLayer(str(row["name"]), str(row.get("type", "")), str(row.get("reason", "")))
 
 
 def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The layer's integers [N, K], scale and bias from its tensors (validated)."""
+    """The layer's integers [N, K], scale, bias and container bits from its tensors (validated)."""
     prefix = f"packed/{entry['name']}/"
     n, k = (int(v) for v in entry["shape"])
     bits = int(entry["bits"])
-    if bits not in (4, 8):
-        raise ValueError(f"unsupported weight bits {bits}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"unsupported weight bits {bits} (2 to 8 are read)")
+    container = _container(bits)
     nnz = int(entry["nnz"])
     sparse = entry["layout"] == "sparse"
     count = nnz if sparse else n * k
     stored = tensors[prefix + ("values" if sparse else "qweight")]
-    want = (count + 1) // 2 if bits == 4 else count
-    if stored.dtype != (torch.uint8 if bits == 4 else torch.int8) or stored.numel() != want:
+    want = (count + 1) // 2 if container == 4 else count
+    dtype = torch.uint8 if container == 4 else torch.int8
+    if stored.dtype != dtype or stored.numel() != want:
         raise ValueError(
             f"weight values have the wrong dtype or size ({stored.dtype}, {stored.numel()})"
         )
-    values = unpack_int4(stored, (count,)) if bits == 4 else stored
+    values = unpack_int4(stored, (count,)) if container == 4 else stored
     if sparse:
         flat = positions.decode(
             tensors[prefix + "unary"],
@@ -367,7 +439,7 @@ def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
     bias = tensors.get(prefix + "bias")
     if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
         raise ValueError("bias does not match the layer table")
-    return {"q": q, "scale": scale, "bias": bias, "bits": bits, "sparse": sparse}
+    return {"q": q, "scale": scale, "bias": bias, "bits": container, "sparse": sparse}
 
 
 def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -392,32 +464,14 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for entry in art.layers:
             name = entry["name"]
             module = modules.get(name)
-            kind = nn.Conv2d if entry["kind"] == "conv2d" else nn.Linear
-            if not isinstance(module, kind) or not packable(module):
-                found = type(module).__name__ if module is not None else "nothing"
-                raise ArtifactError(
-                    f"{where}: layer {name!r} is a {entry['kind']} in the artifact, "
-                    f"{found} in the model"
-                )
-            if list(module.weight.shape) != list(entry["weight_shape"]):
-                raise ArtifactError(
-                    f"{where}: layer {name!r} has weight {list(module.weight.shape)} in the model, "
-                    f"{entry['weight_shape']} in the artifact"
-                )
-            if (module.bias is not None) != bool(entry["bias"]):
-                raise ArtifactError(
-                    f"{where}: layer {name!r}: bias presence differs from the artifact"
-                )
-            if kind is nn.Conv2d and conv_params(module) != entry["conv"]:
-                raise ArtifactError(
-                    f"{where}: layer {name!r}: convolution geometry differs from the artifact"
-                )
+            _check_fits(where, name, module, entry)
             try:
                 parts = _decode_layer(entry, art.tensors)
             except (KeyError, ValueError, RuntimeError) as err:
                 raise ArtifactError(f"{where}: layer {name!r} is corrupted: {err}") from None
-            cls = PackedConv2d if kind is nn.Conv2d else PackedLinear
-            extra = {"conv": entry["conv"]} if kind is nn.Conv2d else {}
+            conv = entry["kind"] == "conv2d"
+            cls = PackedConv2d if conv else PackedLinear
+            extra = {"conv": entry["conv"]} if conv else {}
             new = cls(
                 parts["q"],
                 parts["scale"],
@@ -456,6 +510,37 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _check_fits(where: Path, name: str, module: nn.Module | None, entry: dict[str, Any]) -> None:
+    """Raises unless ``module`` has the kind, layout, shape and geometry ``entry`` came from."""
+    reason = None if module is None else unpackable_reason(module)
+    if module is None or reason is not None or packed_kind(module) != entry["kind"]:
+        found = "nothing" if module is None else type(module).__name__
+        raise ArtifactError(
+            f"{where}: layer {name!r} is a {entry['kind']} in the artifact, {found} in the model"
+            + (f" ({reason})" if reason else "")
+        )
+    if list(module.weight.shape) != list(entry["weight_shape"]):
+        raise ArtifactError(
+            f"{where}: layer {name!r} has weight {list(module.weight.shape)} in the model, "
+            f"{entry['weight_shape']} in the artifact"
+        )
+    # A square Conv1D and a Linear have the same weight shape but transposed integers.
+    layout = _layout(module)
+    axes = [layout.out_axis, layout.in_axis]
+    if axes != list(entry.get("axes", [0, 1])):
+        raise ArtifactError(
+            f"{where}: layer {name!r} keeps its weight's (out, in) on axes {axes} in the model "
+            f"({type(module).__name__}), {entry.get('axes')} in the artifact "
+            f"({entry.get('module', 'unknown')})"
+        )
+    if (module.bias is not None) != bool(entry["bias"]):
+        raise ArtifactError(f"{where}: layer {name!r}: bias presence differs from the artifact")
+    if entry["kind"] == "conv2d" and conv_params(module) != entry["conv"]:
+        raise ArtifactError(
+            f"{where}: layer {name!r}: convolution geometry differs from the artifact"
+        )
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return module.weight.device
 
@@ -472,17 +557,23 @@ class LayerRow:
     sparsity: float
     bytes: int
     fp32_bytes: int
+    type: str = ""
 
 
 @dataclass
 class Report:
-    """Per-layer sizes of an artifact and its totals against the fp32 model."""
+    """Per-layer sizes of an artifact, its totals against the fp32 model, and what stayed fp32.
+
+    ``unpacked`` lists every weight-bearing layer that was not packed, with the reason; None for
+    an artifact written before pack recorded them.
+    """
 
     path: Path
     file_bytes: int
     fp32_bytes: int
     layers: list[LayerRow]
     other_bytes: int
+    unpacked: list[UnpackedLayer] | None = None
 
     @property
     def ratio(self) -> float:
@@ -490,25 +581,46 @@ class Report:
         return self.fp32_bytes / max(self.file_bytes, 1)
 
     def __str__(self) -> str:
+        width = max([24, *(len(r.name) for r in self.layers)])
+        types = max([6, *(len(r.type) for r in self.layers)])
         lines = [
-            f"{'layer':<24} {'kind':<7} {'layout':<7} {'bits':>4} {'sparsity':>9} "
-            f"{'bytes':>10} {'fp32 bytes':>11}"
+            f"{'layer':<{width}} {'module':<{types}} {'kind':<7} {'layout':<7} {'bits':>4} "
+            f"{'sparsity':>9} {'bytes':>10} {'fp32 bytes':>11}"
         ]
         for r in self.layers:
             lines.append(
-                f"{r.name:<24} {r.kind:<7} {r.layout:<7} {r.bits:>4} {100 * r.sparsity:8.2f}% "
-                f"{r.bytes:>10,} {r.fp32_bytes:>11,}"
+                f"{r.name:<{width}} {r.type:<{types}} {r.kind:<7} {r.layout:<7} {r.bits:>4} "
+                f"{100 * r.sparsity:8.2f}% {r.bytes:>10,} {r.fp32_bytes:>11,}"
             )
-        lines.append(f"{'other state (fp32 as stored)':<55} {self.other_bytes:>10,}")
+        other = "other state (fp32 as stored)"
+        lines.append(f"{other:<{width + types + 32}} {self.other_bytes:>10,}")
+        lines += _kept_lines(self.unpacked)
+        # A tiny model's file (header, positions, scales) can outweigh its fp32 tensors.
+        size = (
+            f"{self.ratio:.1f}x smaller"
+            if self.ratio >= 1
+            else f"{1 / max(self.ratio, 1e-12):.1f}x larger"
+        )
         lines.append(
             f"file {self.path.name}: {self.file_bytes:,} bytes on disk; fp32 tensors "
-            f"{self.fp32_bytes:,} bytes; {self.ratio:.1f}x smaller"
+            f"{self.fp32_bytes:,} bytes; {size}"
         )
         return "\n".join(lines)
 
 
+def _kept_lines(unpacked: list[UnpackedLayer] | None) -> list[str]:
+    if unpacked is None:
+        return ["layers kept fp32: not recorded (an artifact from an older version)"]
+    names = max((len(u.name) for u in unpacked), default=0)
+    types = max((len(u.type) for u in unpacked), default=0)
+    return [f"layers kept fp32: {len(unpacked)}"] + [
+        f"  {u.name:<{names}}  {u.type:<{types}}  {u.reason}" for u in unpacked
+    ]
+
+
 def report(path: str | os.PathLike) -> Report:
-    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes."""
+    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes, and the
+    weight-bearing layers kept fp32 with the reason."""
     art = read(path)
     rows = []
     fp32 = 0
@@ -529,9 +641,10 @@ def report(path: str | os.PathLike) -> Report:
                 1.0 - int(entry["nnz"]) / max(n * k, 1),
                 nbytes,
                 dense,
+                entry.get("module", ""),
             )
         )
     other = [t for k, t in art.tensors.items() if k.startswith("state/")]
     other_bytes = sum(t.numel() * t.element_size() for t in other)
     fp32 += sum(t.numel() * 4 for t in other)
-    return Report(art.path, art.size, fp32, rows, other_bytes)
+    return Report(art.path, art.size, fp32, rows, other_bytes, art.unpacked)

@@ -1,11 +1,15 @@
 """Inference modules over packed integer weights, calling the compiled kernels.
 
-``PackedLinear`` and ``PackedConv2d`` replace ``nn.Linear`` / ``nn.Conv2d`` after
-:func:`lightning_compress.export.load_into`. Weights are int8 (or row-packed int4) with one fp32
-scale per output channel, stored dense or as compressed rows (:mod:`lightning_compress.ops.packed`).
-Convolutions unfold their input (im2col) and go through the same linear kernels. Where the layer
-was trained with 8-bit activations, its output is fake-quantized with the recorded range, as in
-training, so the packed model computes what the fake-quantized model computed.
+``PackedLinear`` replaces ``nn.Linear`` and transformers' ``Conv1D`` (whose canonical ``(out, in)``
+matrix, :mod:`lightning_compress.layout`, is exactly a Linear weight), ``PackedConv2d`` replaces
+``nn.Conv2d``, after :func:`lightning_compress.export.load_into`. Weights are int8 (or row-packed
+int4) with one fp32 scale per output channel, stored dense or as compressed rows
+(:mod:`lightning_compress.ops.packed`). Convolutions unfold their input (im2col) and go through the
+same linear kernels. Where the layer was trained with 8-bit activations, its output is
+fake-quantized with the recorded range, as in training, so the packed model computes what the
+fake-quantized model computed.
+
+:func:`unpackable_reason` says, for any other layer, why it stays fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.layout import layout_of
 from lightning_compress.ops.packed import (
     check_sparse_layout,
     hugepage_copy,
@@ -33,7 +38,7 @@ class PackedWeight(nn.Module):
         q: int8 [N, K] integers (values in [-8, 7] when ``bits`` is 4).
         scale: float32 [N].
         bias: float32 [N] or None.
-        bits: 8 or 4.
+        bits: The container: 8, or 4 (which also holds 2- and 3-bit integers).
         sparse: Keep compressed rows of the non-zeros (int8 values) instead of the dense matrix.
         act: Output fake quantization ``{"scale", "zero_point", "bits"}`` or None.
     """
@@ -87,7 +92,8 @@ class PackedWeight(nn.Module):
 
 
 class PackedLinear(PackedWeight):
-    """Drop-in for ``nn.Linear`` (any leading dimensions; float32 math, output in x's dtype)."""
+    """Drop-in for ``nn.Linear`` and transformers' ``Conv1D`` (any leading dimensions; float32
+    math, output in x's dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.float32:
@@ -131,13 +137,42 @@ def conv_params(conv: nn.Conv2d) -> dict[str, Any]:
     }
 
 
-def packable(module: nn.Module) -> bool:
-    """Linear, or Conv2d with groups=1, zero padding and numeric padding."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (
-        isinstance(module, nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
+# Types whose forward is ``F.linear(x, W, bias)`` with ``W`` the canonical (out, in) matrix of
+# their registered weight; transformers' Conv1D computes ``x @ weight + bias`` over an (in, out)
+# weight, the same product. Named by class or qualified name, as in lightning_compress.layout,
+# so that transformers stays optional.
+LINEAR_TYPES: tuple[type[nn.Module] | str, ...] = (nn.Linear, "transformers.pytorch_utils.Conv1D")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return any(
+        key is cls or key == f"{cls.__module__}.{cls.__qualname__}"
+        for cls in type(module).__mro__
+        for key in LINEAR_TYPES
     )
+
+
+def unpackable_reason(module: nn.Module) -> str | None:
+    """Why ``module`` has no packed replacement, worded for the report; None when it has one.
+
+    Packed: the :data:`LINEAR_TYPES` with a registered 2-D weight, and ``nn.Conv2d`` with
+    ``groups=1``, zero padding and numeric padding.
+    """
+    if _is_linear(module) and layout_of(module) is not None and module.weight.dim() == 2:
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            depthwise = module.groups == module.in_channels
+            what = "depthwise" if depthwise else "grouped"
+            return f"{what} convolution (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"Conv2d with padding={module.padding!r}"
+        return None
+    return f"{type(module).__name__}: no packed kernel"
+
+
+def packed_kind(module: nn.Module) -> str:
+    """The packed kind of a module :func:`unpackable_reason` accepts: "conv2d" or "linear"."""
+    return "conv2d" if isinstance(module, nn.Conv2d) else "linear"

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from lightning_compress.export import (
@@ -25,6 +25,7 @@ from lightning_compress.export import (
     read,
     report,
 )
+from lightning_compress.export.artifact import FORMAT, checksum
 from lightning_compress.quantization import (
     ActivationRange,
     CompressionRecord,
@@ -166,6 +167,60 @@ def test_sizes_against_the_fp32_file(tmp_path):
     assert all(r.bits == 4 and r.sparsity > 0.9 and r.layout == "sparse" for r in rep.layers)
     assert rep.file_bytes == int4 and rep.ratio > 40
     assert "fc2" in str(rep) and "smaller" in str(rep)
+
+
+def test_a_file_larger_than_its_fp32_tensors_is_called_larger(tmp_path):
+    rep = report(pack(nn.Sequential(nn.Linear(2, 2)), tmp_path / "tiny.safetensors"))
+    assert rep.ratio < 1
+    assert f"{1 / rep.ratio:.1f}x larger" in str(rep) and "smaller" not in str(rep)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_two_and_three_bit_records_are_stored_in_the_int4_container(tmp_path, bits):
+    model = pruned(LeNet300100(), 0.7)
+    path = pack(model, tmp_path / "low.safetensors", qat=_record_of(model, bits))
+    art = read(path)
+    assert {e["bits"] for e in art.layers} == {bits}
+    assert {e["layout"] for e in art.layers} == {"sparse"}
+    assert all(t.dtype == torch.uint8 for k, t in art.tensors.items() if k.endswith("/values"))
+    loaded = load_into(copy.deepcopy(model), path)
+    x = torch.randn(5, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), fake_quantized(model, bits)(x), rtol=1e-5, atol=1e-5)
+    assert [r.bits for r in report(path).layers] == [bits] * 3
+    dense = nn.Sequential(nn.Linear(12, 8)).eval()
+    with torch.no_grad():  # every integer non-zero even at 2 bits, so the layer stays dense
+        dense[0].weight.uniform_(0.6, 1.0).mul_(torch.randint(0, 2, (8, 12)) * 2 - 1)
+    path = pack(dense, tmp_path / "dense.safetensors", qat=_record_of(dense, bits))
+    assert read(path).tensors["packed/0/qweight"].dtype == torch.uint8
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(
+        load_into(copy.deepcopy(dense), path)(x), fake_quantized(dense, bits)(x)
+    )
+
+
+def test_an_artifact_without_the_unpacked_list_still_loads(tmp_path):
+    """Artifacts written before pack listed the layers it kept fp32."""
+    model = pruned(LeNet300100(), 0.9)
+    art = read(pack(model, tmp_path / "new.safetensors", exclude=["fc3"]))
+    assert [u.name for u in art.unpacked] == ["fc3"]
+    layers_json = json.dumps(art.layers, separators=(",", ":"))
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(
+        save(
+            art.tensors,
+            metadata={
+                "format": FORMAT,
+                "format_version": "1",
+                "layers": layers_json,
+                "checksum": checksum(layers_json, art.tensors),
+            },
+        )
+    )
+    assert read(old).unpacked is None
+    assert "layers kept fp32: not recorded" in str(report(old))
+    x = torch.randn(2, 1, 28, 28)
+    ref = fake_quantized(model, 8, skip={"fc3"})
+    torch.testing.assert_close(load_into(LeNet300100(), old)(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
