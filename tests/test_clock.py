@@ -63,9 +63,7 @@ def test_steps_per_epoch_counts_optimizer_steps_including_the_last_partial_one(
 
 
 def test_resolve_steps_converts_epochs_and_keeps_none():
-    steps = resolve_steps(
-        _Trainer(10, 3), start=Step(2, "ep"), end=Step(7, "it"), freeze=None
-    )
+    steps = resolve_steps(_Trainer(10, 3), start=Step(2, "ep"), end=Step(7, "it"), freeze=None)
     assert steps == {"start": 8, "end": 7, "freeze": None}
 
 

@@ -1,14 +1,14 @@
-"""The callbacks configured the way LightningCLI users write them: YAML with class_path/init_args."""
+"""The callbacks configured as LightningCLI users write them: YAML with class_path/init_args."""
 
 import pytest
 import torch
 
 pytest.importorskip("jsonargparse")
-from pytorch_lightning.cli import LightningCLI  # noqa: E402
+from pytorch_lightning.cli import LightningCLI
 
-from lightning_compress import PruneCallback, QATCallback  # noqa: E402
+from lightning_compress import PruneCallback, QATCallback
 
-from .helpers import TinyMLP  # noqa: E402
+from .helpers import TinyMLP
 
 CONFIG = """
 trainer:

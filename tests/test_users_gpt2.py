@@ -42,3 +42,51 @@ def test_two_four_groups_run_along_each_conv1d_reduction_dimension(tmp_path):
         per_group = (groups != 0).sum(-1)
         assert int(per_group.max()) <= 2, name
         assert (weight == 0).float().mean().item() == pytest.approx(0.5), name
+
+
+@pytest.mark.slow
+def test_prune_and_int8_qat_of_gpt2_pack_and_reload_as_trained(tmp_path):
+    from lightning_compress import QATCallback
+    from lightning_compress.export import PackedLinear, load_into, pack, report
+
+    epochs = 20
+
+    def fit(callbacks):
+        module = GPT2Module(n=256)
+        trainer = make_trainer(
+            tmp_path,
+            callbacks,
+            max_epochs=epochs,
+            limit_val_batches=None,
+            num_sanity_val_steps=0,
+            check_val_every_n_epoch=epochs,
+        )
+        trainer.fit(module)
+        return module, float(trainer.callback_metrics["val/acc"])
+
+    _, dense = fit([])
+    qat = QATCallback(bits=8)
+    module, compressed = fit([PruneCallback(sparsity=0.8, start="2ep", end="10ep"), qat])
+    assert dense >= 0.7, "the float model must learn the task for the comparison to mean much"
+    assert compressed >= dense - 0.03, (dense, compressed)
+    layers = _conv1d(module.model)
+    for name, layer in layers.items():
+        record = qat.record[f"model.{name}.weight"]
+        out_features = layer.weight.shape[1]  # Conv1D: (in, out)
+        assert record.scale.shape == (out_features,), name  # one scale per output channel
+    assert module.model.lm_head.weight is module.model.transformer.wte.weight
+
+    path = pack(module.model, tmp_path / "gpt2.safetensors", qat=qat)
+    ids = next(iter(module.val_dataloader()))["input_ids"]
+    with torch.no_grad():
+        trained = module.eval()(ids)  # still the fake-quantized model after fit
+        qat.remove(module)
+        reloaded = GPT2Module(n=256)
+        reloaded.model.load_state_dict(module.model.state_dict())
+        load_into(reloaded.model, path)
+        packed = reloaded.eval()(ids)
+    assert all(isinstance(reloaded.model.get_submodule(name), PackedLinear) for name in layers)
+    assert torch.equal(trained.argmax(-1), packed.argmax(-1))
+    assert torch.allclose(trained, packed, atol=1e-3 * trained.abs().max())
+    text = str(report(path))
+    assert "lm_head" in text and "tied" in text

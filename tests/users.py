@@ -57,8 +57,13 @@ class GPT2Module(pl.LightningModule):
         import transformers
 
         config = transformers.GPT2Config(
-            n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-            bos_token_id=0, eos_token_id=0,
+            n_layer=2,
+            n_embd=64,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=SEQ,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         torch.manual_seed(seed)
         self.model = transformers.GPT2LMHeadModel(config)
@@ -119,8 +124,13 @@ class BertModule(pl.LightningModule):
         import transformers
 
         config = transformers.BertConfig(
-            num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-            vocab_size=VOCAB, max_position_embeddings=SEQ, num_labels=2,
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQ,
+            num_labels=2,
         )
         torch.manual_seed(seed)
         self.model = transformers.BertForSequenceClassification(config)

@@ -125,6 +125,8 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.record), None)
     net = job.module.net
     path = pack(net, output_dir / ARTIFACT_NAME, qat=qat, bits=export.get("bits", 8))
+    if qat is not None:
+        qat.remove()  # the float network is the latency baseline; `installed()` scores as trained
     measured = compare_packed(
         net,
         path,

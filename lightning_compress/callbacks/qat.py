@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_compress.callbacks._configured import ConfiguredCallback
 from lightning_compress.callbacks._side_optimizer import averaged_step
 from lightning_compress.clock import resolve_steps
+from lightning_compress.layout import layout_for_name
 from lightning_compress.quantization.config import QATConfig
 from lightning_compress.quantization.fake import (
     channel_view,
@@ -29,7 +30,7 @@ from lightning_compress.quantization.layers import (
     split_name,
 )
 from lightning_compress.quantization.record import CompressionRecord
-from lightning_compress.targets import match_overrides, resolve_weights
+from lightning_compress.targets import log_targeting, match_overrides, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ class QATCallback(ConfiguredCallback):
     Weights are quantized per output channel, symmetrically with zero-point 0, so weights a
     PruneCallback zeroed quantize to exactly 0 in either callback order, and scales come from
     the surviving weights. Activations (layer outputs) are quantized per tensor to 8 bits with
-    moving-average min/max observers. Parameter names and the model's ``forward`` are untouched:
-    the quantization lives in forward hooks that this callback installs and removes. At the end
-    of ``fit`` (or after :meth:`attach`), :attr:`record` holds the true integers for export.
+    min/max observers that widen at once and narrow by a moving average; the output of the
+    last quantized layer (the logits) stays float unless ``quantize_output``. Parameter names and
+    the model's ``forward`` are untouched:
+    the quantization lives in forward hooks on the model's own layers, installed at setup and
+    left on after ``fit``, so the module keeps computing the model that was trained until
+    :meth:`remove`. At the end of ``fit`` (or after :meth:`attach`), :attr:`record` holds the
+    true integers for export.
 
     Args:
         bits: Weight bits, 2 to 8.
@@ -60,6 +65,8 @@ class QATCallback(ConfiguredCallback):
         exclude: Patterns removed from the targets.
         overrides: Weight bits per name pattern, e.g. ``{"fc3": 8}``.
         lsq_lr: Learning rate of the step sizes (``method="lsq"``).
+        quantize_output: Also fake-quantize the output of the last quantized layer to run
+            (the model's logits, as a rule); off by default.
 
     Raises:
         ValueError: An argument out of range or an unknown name.
@@ -80,6 +87,7 @@ class QATCallback(ConfiguredCallback):
         exclude: str | Sequence[str] | None = None,
         overrides: dict[str, int] | None = None,
         lsq_lr: float = 1e-3,
+        quantize_output: bool = False,
     ) -> None:
         self.config = QATConfig(
             bits=bits,
@@ -93,6 +101,7 @@ class QATCallback(ConfiguredCallback):
             exclude=exclude,
             overrides=overrides,
             lsq_lr=lsq_lr,
+            quantize_output=quantize_output,
         )
         self._step_optimizer: torch.optim.Optimizer | None = None
         self._hook_handles: list[Any] = []
@@ -152,6 +161,8 @@ class QATCallback(ConfiguredCallback):
         batch_idx: int,
     ) -> None:
         self._sync_observers(trainer)
+        if self.layers is not None:
+            self.layers.end_batch()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -178,8 +189,9 @@ class QATCallback(ConfiguredCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.layers is not None:
-            self.layers.remove()
+        # The quantization stays on the module: after fit it computes the model that was
+        # trained until the user calls `remove`. Only the observers stop moving.
+        self._eval_phase()
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
@@ -191,6 +203,7 @@ class QATCallback(ConfiguredCallback):
             "version": self.config.VERSION,
             "enabled": bool(layers.enabled) if layers else False,
             "observers": {n: o.state_dict() for n, o in layers.observers.items()} if layers else {},
+            "output_layer": layers.output_layer if layers else None,
         }
         if layers is not None and layers.steps:
             state["steps"] = {n: s.detach().cpu().clone() for n, s in layers.steps.items()}
@@ -210,7 +223,9 @@ class QATCallback(ConfiguredCallback):
             # so evaluation sees the fake-quantized model that was trained, not fresh observers.
             self.layers.install()
             return
-        names = resolve_weights(pl_module, self.include, self.exclude, owner="QATCallback")
+        targeting = resolve_targets(pl_module, self.include, self.exclude, owner="QATCallback")
+        log_targeting("QATCallback", targeting)
+        names = targeting.names
         per_layer = match_overrides(names, self.overrides, "overrides", "QATCallback")
         self.targets = {n: int(per_layer.get(n, self.bits)) for n in names}
         pairs = conv_bn_pairs(pl_module)
@@ -225,8 +240,39 @@ class QATCallback(ConfiguredCallback):
         self._bns = [m for m in pl_module.modules() if isinstance(m, BN_TYPES)]
         if self.layers is not None:
             self.layers.remove()
-        self.layers = FakeQuantLayers(pl_module, self.targets, folds, self.activations)
+        self.layers = FakeQuantLayers(
+            pl_module,
+            self.targets,
+            folds,
+            self.activations,
+            layouts={n: layout_for_name(pl_module, n) for n in self.targets},
+            quantize_output=self.quantize_output,
+        )
         self.layers.install()
+
+    def remove(self, pl_module: nn.Module | None = None) -> None:
+        """Takes the quantization off the model: it computes with its float weights again.
+
+        After ``fit`` the module keeps computing the fake-quantized model that was trained
+        (hooks on its own layers; names, forward and state dict unchanged), so evaluating or
+        serving it right away gives the accuracy that was measured. Call this to get the float
+        network back; the integers (:attr:`record`) are kept for :func:`~lightning_compress.
+        export.pack`. A later ``fit``/``validate``/``test`` with this callback puts it back on.
+
+        Args:
+            pl_module: The module to take it off (default: the one it is on).
+
+        Raises:
+            ValueError: ``pl_module`` is not the module this callback quantizes.
+        """
+        if self.layers is None:
+            return
+        if pl_module is not None and pl_module is not self.layers.model:
+            raise ValueError(
+                "QATCallback.remove: this callback quantizes another module "
+                f"({type(self.layers.model).__name__} at {id(self.layers.model):#x})"
+            )
+        self.layers.remove()
 
     def _restore(self) -> None:
         if self._loaded is None or self.layers is None:
@@ -241,6 +287,7 @@ class QATCallback(ConfiguredCallback):
         for name, observer_state in state.get("observers", {}).items():
             self.layers.observers[name].load_state_dict(observer_state)
         self.layers.enabled = bool(state.get("enabled", False))
+        self.layers.output_layer = state.get("output_layer")
         if "steps" in state:
             params = dict(self.layers.model.named_parameters())
             self._init_steps(

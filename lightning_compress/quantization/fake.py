@@ -3,10 +3,11 @@
 Weights: per-output-channel, symmetric, zero-point 0, integers in [-(2^(b-1) - 1), 2^(b-1) - 1],
 so 0 (a pruned weight) is exactly representable and quantizes to exactly 0. The scale of a
 channel is its largest surviving magnitude over the largest integer. Activations: per-tensor,
-asymmetric, 8 bits, from moving-average min/max observers whose range always contains 0.
-Gradients pass straight through the rounding (for weights, whose scales leave nothing clipped,
-the identity; for activations and learned steps, torch's fake-quantize kernels, which zero the
-gradient of clipped values).
+asymmetric, 8 bits, from min/max observers (widened at once, narrowed by a moving average)
+whose range contains 0.
+Gradients pass straight through the rounding, and for activations through clipping too (a
+clipped output that got no gradient could never widen its range); learned steps use torch's
+fake-quantize kernels.
 """
 
 from __future__ import annotations
@@ -139,8 +140,26 @@ def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return unpack_rows_int4(packed.reshape(1, -1), n).view(shape)
 
 
+class _ActivationGrid(torch.autograd.Function):
+    """Per-tensor affine fake quantization whose gradient passes straight through, clipped
+    values included: with the clipped estimator an output beyond the observed range gets no
+    gradient, so a range observed while activations were small (std-0.02 initialisation)
+    could never grow, and the layer would stop learning."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scale: float, zero_point: int, qmax: int
+    ) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, qmax)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
+
+
 class ActivationObserver:
-    """Moving-average min/max of a tensor stream, and 8-bit asymmetric fake quantization.
+    """Min/max of a tensor stream (widened at once, narrowed by a moving average), and 8-bit
+    asymmetric fake quantization.
 
     Args:
         momentum: Weight of each new batch's min/max in the moving average.
@@ -160,12 +179,15 @@ class ActivationObserver:
         self.observe(float(x.detach().min()), float(x.detach().max()))
 
     def observe(self, lo: float, hi: float) -> None:
-        """Folds a batch range into the moving average (the first one initialises it)."""
+        """Folds a batch range in: a wider range is taken at once, a narrower one through the
+        moving average (the first one initialises it). Activations that grow during training
+        (from a small initialisation, as Hugging Face models have) are then never clipped to a
+        range that lags behind them, while a single wide batch fades out with the momentum."""
         if not self.initialized:
             self.min, self.max, self.initialized = torch.tensor(lo), torch.tensor(hi), True
         else:
-            self.min = self.min + self.momentum * (lo - self.min)
-            self.max = self.max + self.momentum * (hi - self.max)
+            self.min = torch.minimum(torch.tensor(lo), self.min + self.momentum * (lo - self.min))
+            self.max = torch.maximum(torch.tensor(hi), self.max + self.momentum * (hi - self.max))
 
     def qparams(self) -> tuple[float, int]:
         """Scale and zero-point; the range is widened to contain 0 so 0 is exact."""
@@ -179,7 +201,7 @@ class ActivationObserver:
         if not self.initialized:
             return x
         scale, zero_point = self.qparams()
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 2**self.bits - 1)
+        return _ActivationGrid.apply(x, scale, zero_point, 2**self.bits - 1)
 
     def state_dict(self) -> dict[str, object]:
         return {"min": self.min.clone(), "max": self.max.clone(), "initialized": self.initialized}

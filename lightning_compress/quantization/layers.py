@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.layout import STANDARD, WeightLayout
 from lightning_compress.quantization.fake import (
     ActivationObserver,
     channel_view,
@@ -75,6 +76,9 @@ class FakeQuantLayers:
         bits: Weight bits per targeted parameter name.
         folds: Conv module name -> BatchNorm module name, for BN folding.
         activations: Activation bits (8) or None for float activations.
+        layouts: Per weight name, its layout where it is not (out, in, *kernel): scales are
+            per output channel of the real layout (a transformers ``Conv1D``'s columns).
+        quantize_output: Fake-quantize the output of the last quantized layer to run too.
     """
 
     def __init__(
@@ -83,10 +87,18 @@ class FakeQuantLayers:
         bits: dict[str, int],
         folds: dict[str, str],
         activations: int | None,
+        layouts: dict[str, WeightLayout] | None = None,
+        quantize_output: bool = True,
     ) -> None:
         self.model = model
         self.bits = bits
         self.folds = folds
+        self.layouts = {n: lay for n, lay in (layouts or {}).items() if not lay.standard}
+        self.quantize_output = quantize_output
+        # The last quantized layer to run in a training forward: its output stays float
+        # unless `quantize_output`. Found on the first forward, kept in the checkpoint.
+        self.output_layer: str | None = None
+        self._ran: list[str] = []
         modules = dict(model.named_modules())
         self.by_module: dict[str, list[str]] = {}
         for name in bits:
@@ -144,11 +156,16 @@ class FakeQuantLayers:
             if not was_installed:
                 self.remove()
 
+    def layout(self, name: str) -> WeightLayout:
+        return self.layouts.get(name, STANDARD)
+
     def folded_weight(
         self, module_name: str, leaf: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight as it is quantized (BN folded in where paired) and the fold factor."""
-        weight = self.modules[module_name]._parameters[leaf]
+        """The weight as it is quantized, in (out, in, *kernel) order with BN folded in where
+        paired, and the fold factor (shaped to broadcast over it)."""
+        name = f"{module_name}.{leaf}" if module_name else leaf
+        weight = self.layout(name).canonical(self.modules[module_name]._parameters[leaf])
         if module_name in self.bns and leaf == "weight":
             fold = channel_view(fold_scale(self.bns[module_name]), weight)
             return weight * fold, fold
@@ -163,7 +180,13 @@ class FakeQuantLayers:
             quantized = fake_quant_weight(weight, self.bits[name])
         else:
             quantized = lsq_fake_quant_weight(weight, self.bits[name], step)
-        return quantized if fold is None else quantized / fold
+        return self.layout(name).uncanonical(quantized if fold is None else quantized / fold)
+
+    def quantizes_output(self, module_name: str) -> bool:
+        """Whether the output of ``module_name`` is fake-quantized (and packed as int8)."""
+        if module_name not in self.observers:
+            return False
+        return self.quantize_output or self.output_layer not in (None, module_name)
 
     @torch.no_grad()
     def convert(self) -> CompressionRecord:
@@ -177,7 +200,7 @@ class FakeQuantLayers:
         for name, bits in self.bits.items():
             owner, leaf = split_name(name)
             weight, fold = self.folded_weight(owner, leaf)
-            observer = self.observers.get(owner)
+            observer = self.observers.get(owner) if self.quantizes_output(owner) else None
             activation = None if observer is None else ActivationRange.from_observer(observer)
             layers.append(
                 QuantizedLayer.from_weight(
@@ -190,6 +213,13 @@ class FakeQuantLayers:
         def hook(module: nn.Module, args: Any) -> None:
             if not self.enabled:
                 return
+            if module is not self.modules[name]:
+                # The hooks of a deep-copied model still read the original's weights.
+                raise RuntimeError(
+                    f"QATCallback: {name!r} belongs to a copy of a model whose quantization is "
+                    "attached to the original; call `qat.remove(model)` before copying, or "
+                    "`qat.attach(copy)` to quantize the copy"
+                )
             for leaf in self.by_module[name]:
                 self._saved[name, leaf] = module._parameters[leaf]
                 module._parameters[leaf] = self.quantized_weight(name, leaf)
@@ -208,6 +238,8 @@ class FakeQuantLayers:
             first = output[0] if isinstance(output, tuple) else output
             if not torch.is_tensor(first) or not first.is_floating_point():
                 return None
+            if self.output_layer is None and module.training:
+                self._ran.append(name)
             if self.observing and module.training:
                 # (-min, max), folded into the observer at the end of the batch, after the
                 # ranks agree on it.
@@ -215,12 +247,20 @@ class FakeQuantLayers:
                 if name in self.batch_ranges:
                     seen = torch.maximum(seen, self.batch_ranges[name])
                 self.batch_ranges[name] = seen
+            if not self.quantizes_output(name):
+                return None
             quantized = observer.fake_quant(first)
             if isinstance(output, tuple):
                 return (quantized, *output[1:])
             return quantized
 
         return hook
+
+    def end_batch(self) -> None:
+        """After a training batch: the last layer that ran is the output layer (once)."""
+        if self.output_layer is None and self._ran:
+            self.output_layer = self._ran[-1]
+        self._ran.clear()
 
     def _restore_all(self) -> None:
         for (name, leaf), saved in self._saved.items():

@@ -4,6 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_compress import PruneCallback, QATCallback
@@ -155,13 +156,72 @@ def test_activation_observers_quantize_outputs_to_8_bits(tmp_path):
     assert len(torch.unique(out)) <= 256
 
 
-def test_names_and_forward_untouched_and_hooks_removed(tmp_path):
+def _quantized_mlp_forward(model, record, x):
+    """TinyMLP computed from the record alone: dequantized weights, int8 hidden activations,
+    float logits (the last layer's output is left float by default)."""
+    for name in ("fc1", "fc2", "fc3"):
+        layer = record[f"{name}.weight"]
+        weight = layer.values.float() * layer.scale[:, None]
+        x = torch.nn.functional.linear(x, weight, getattr(model, name).bias)
+        if name != "fc3":
+            act = layer.activation
+            x = torch.fake_quantize_per_tensor_affine(x, act.scale, act.zero_point, 0, act.qmax)
+            x = torch.relu(x)
+        else:
+            assert layer.activation is None
+    return x
+
+
+def test_after_fit_the_module_is_the_quantized_model_until_removed(tmp_path):
     plain = TinyMLP()
-    model, _ = fit(tmp_path, [QATCallback()], max_epochs=1)
-    assert list(model.state_dict()) == list(plain.state_dict())
+    qat = QATCallback()
+    model, _ = fit(tmp_path, [qat], max_epochs=1)
+    assert list(model.state_dict()) == list(plain.state_dict())  # names untouched
     plain.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(3, 32)
-    assert torch.equal(plain(x), model(x))  # no hook left behind after fit
+    with torch.no_grad():
+        quantized = model.eval()(x)
+        assert torch.allclose(quantized, _quantized_mlp_forward(plain, qat.record, x), atol=1e-5)
+        assert not torch.allclose(quantized, plain(x), atol=1e-4)
+        qat.remove(model)
+        assert torch.equal(model(x), plain(x))  # the float network again
+
+
+def test_remove_refuses_another_module_and_a_copy_fails_loudly(tmp_path):
+    qat = QATCallback()
+    model, _ = fit(tmp_path, [qat], max_epochs=1)
+    with pytest.raises(ValueError, match="quantizes another module"):
+        qat.remove(TinyMLP())
+    with pytest.raises(RuntimeError, match=r"copy of a model.*qat.remove\(model\)"):
+        copy.deepcopy(model)(torch.randn(2, 32))
+
+
+def test_test_with_ckpt_path_and_a_second_fit_after_quantized_fit(tmp_path):
+    qat = QATCallback()
+    model = TinyMLP()
+    trainer = make_trainer(
+        tmp_path,
+        [qat, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        max_epochs=2,
+        enable_checkpointing=True,
+        limit_val_batches=2,
+    )
+    trainer.fit(model)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        after_fit = model.eval()(x)
+    trainer.test(model, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), after_fit)
+    second = make_trainer(tmp_path, [qat], max_epochs=3)
+    second.fit(model)
+    assert second.global_step > 0 and qat.layers.enabled
+    fresh_qat, fresh = QATCallback(), TinyMLP()
+    make_trainer(tmp_path, [fresh_qat]).test(
+        fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False
+    )
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), after_fit)
 
 
 def test_keyword_forward_attention_bn_and_dict_batches(tmp_path):
@@ -191,10 +251,13 @@ def test_attention_fast_path_is_off_while_quantizing_and_restored_after(tmp_path
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(before)
     try:
-        probe = FastPathProbe()
-        trainer = make_trainer(tmp_path, [QATCallback(bits=8), probe], max_epochs=1)
+        probe, qat = FastPathProbe(), QATCallback(bits=8)
+        trainer = make_trainer(tmp_path, [qat, probe], max_epochs=1)
         trainer.fit(TinyTransformer())
         assert probe.seen == {False}  # the hooks must see every attention call
+        # Still quantized after fit, so still off; the process gets its flag back on remove.
+        assert torch.backends.mha.get_fastpath_enabled() is False
+        qat.remove()
         assert torch.backends.mha.get_fastpath_enabled() is before
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)

@@ -6,15 +6,27 @@ import torch
 from lightning_compress.quantization import ActivationObserver, ActivationRange
 
 
-def test_first_batch_initialises_then_the_range_moves_by_momentum():
+def test_first_batch_initialises_then_the_range_widens_at_once_and_narrows_by_momentum():
     obs = ActivationObserver(momentum=0.1)
     assert ActivationRange.from_observer(obs) is None
     x = torch.randn(100)
     assert torch.equal(obs.fake_quant(x), x)  # nothing observed: float
     obs.observe(-1.0, 2.0)
-    obs.observe(-3.0, 4.0)
-    assert float(obs.min) == pytest.approx(-1.0 + 0.1 * (-3.0 + 1.0))
-    assert float(obs.max) == pytest.approx(2.0 + 0.1 * (4.0 - 2.0))
+    obs.observe(-3.0, 4.0)  # wider: taken at once, so growing activations are never clipped
+    assert (float(obs.min), float(obs.max)) == (-3.0, 4.0)
+    obs.observe(-1.0, 2.0)  # narrower: the moving average
+    assert float(obs.min) == pytest.approx(-3.0 + 0.1 * (-1.0 + 3.0))
+    assert float(obs.max) == pytest.approx(4.0 + 0.1 * (2.0 - 4.0))
+
+
+def test_clipped_activations_still_pass_their_gradient():
+    obs = ActivationObserver()
+    obs.observe(-1.0, 1.0)
+    x = torch.tensor([-5.0, 0.5, 5.0], requires_grad=True)
+    out = obs.fake_quant(x)
+    assert float(out[2]) == pytest.approx(1.0, abs=0.01)  # clipped in the forward
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
 
 
 def test_the_range_contains_zero_and_outputs_take_256_levels():
