@@ -49,7 +49,7 @@ def test_prune_and_int8_qat_of_gpt2_pack_and_reload_as_trained(tmp_path):
     from lightning_compress import QATCallback
     from lightning_compress.export import PackedLinear, load_into, pack, report
 
-    epochs = 20
+    epochs = 30
 
     def fit(callbacks):
         module = GPT2Module(n=256)
