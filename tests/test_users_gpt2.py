@@ -86,6 +86,7 @@ def test_prune_and_int8_qat_of_gpt2_pack_and_reload_as_trained(tmp_path):
         load_into(reloaded.model, path)
         packed = reloaded.eval()(ids)
     assert all(isinstance(reloaded.model.get_submodule(name), PackedLinear) for name in layers)
+    assert reloaded.model.lm_head.weight is reloaded.model.transformer.wte.weight
     assert torch.equal(trained.argmax(-1), packed.argmax(-1))
     assert torch.allclose(trained, packed, atol=1e-3 * trained.abs().max())
     text = str(report(path))
