@@ -59,6 +59,13 @@ class PruneCallback(ConfiguredCallback):
         flipout_noise: FlipOut's gradient-noise scale lambda (0 turns the noise off).
         monitor: Metric recorded at the end of each round of an iterative schedule (the
             accuracy column of the rounds table); skipped when the run does not log it.
+        min_density: With ``scope="global"``, the fraction of its weights (of its channels for
+            ``structure="channel"``) every pooled layer keeps at least, its highest-scoring
+            ones, in [0, 1): one threshold over layers of different fan-in would otherwise empty
+            the wider one (layer collapse). The others are pruned further to meet the target;
+            if the floors alone exceed it, they are kept and a warning says so. 0 lets the
+            threshold take whole layers. Layers pruned alone (``scope="layer"``, ``overrides``,
+            ``rates``) keep the sparsity they are given.
 
     Attributes:
         config: The validated settings (:class:`~lightning_compress.pruning.config.PruneConfig`);
@@ -95,6 +102,7 @@ class PruneCallback(ConfiguredCallback):
         flipout_p: float = 2.0,
         flipout_noise: float = 1.0,
         monitor: str | None = "val/acc",
+        min_density: float = 0.001,
     ) -> None:
         self.config = PruneConfig(
             sparsity=sparsity,
@@ -114,6 +122,7 @@ class PruneCallback(ConfiguredCallback):
             flipout_p=flipout_p,
             flipout_noise=flipout_noise,
             monitor=monitor,
+            min_density=min_density,
         )
         self.flips: FlipCounter | None = None
         self.rounds: list[dict[str, Any]] = []
@@ -127,6 +136,7 @@ class PruneCallback(ConfiguredCallback):
         self._loaded: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
         self._grads_masked = False
+        self._warned: set[tuple[str, str]] = set()  # (layer, reason) warned about once
 
     # -- PruneEventSource (what RewindCallback uses) ---------------------------------------------
 
@@ -308,6 +318,7 @@ class PruneCallback(ConfiguredCallback):
             self.flips.reset(self.masks.keep_masks())
         self._last_event = step
         self._record_event(trainer, step)
+        self._warn_overpruned(step)
         for listener in self._listeners:
             listener.after_prune(trainer, pl_module, self, step)
         if self.flips is not None:
@@ -379,6 +390,46 @@ class PruneCallback(ConfiguredCallback):
             kept,
             total,
         )
+
+    def _warn_overpruned(self, step: int) -> None:
+        """Warns, once per layer and reason, of the layers a global threshold left far too sparse.
+
+        The rule is :meth:`~lightning_compress.pruning.plan.PrunePlan.overpruned`'s: a layer held
+        at the ``min_density`` floor, or one keeping under 1% of its weights while its group is
+        asked to keep more (under a quarter of what it is asked to keep from 99% on); and a group
+        all at the floor, short of its target.
+        """
+        assert self.plan is not None and self.masks is not None
+        masks = self.masks.keep_masks()
+        for layer in self.plan.overpruned(masks):
+            if layer.floored:
+                message = (
+                    "PruneCallback: %r is held at the `min_density` floor from step %d (sparsity "
+                    "%.4f, global target %.4f): the global threshold would prune it further"
+                )
+            else:
+                message = (
+                    "PruneCallback: %r is far sparser than asked from step %d (sparsity %.4f, "
+                    "global target %.4f): one threshold over layers of different fan-in can "
+                    "empty the wider ones; raise `min_density` or use scope='layer'"
+                )
+            key = (layer.name, "floor" if layer.floored else "far")
+            self._warn_once(key, message, layer.name, step, layer.sparsity, layer.target)
+        for short in self.plan.shortfalls(step, masks):
+            self._warn_once(
+                (",".join(short.names), "short"),
+                "PruneCallback: the global target sparsity %.4f cannot be met from step %d with "
+                "every layer at `min_density`=%g: the floors are kept, sparsity %.4f",
+                short.target,
+                step,
+                self.min_density,
+                short.sparsity,
+            )
+
+    def _warn_once(self, key: tuple[str, str], message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_only(log.warning)(message, *args)
 
     def _log_table(self, trainer: pl.Trainer) -> None:
         from pytorch_lightning.loggers import WandbLogger

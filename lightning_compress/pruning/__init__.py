@@ -14,6 +14,7 @@ from lightning_compress.pruning.flipout import FlipCounter, flipout
 from lightning_compress.pruning.masks import (
     channel_masks,
     count_zeros,
+    floor_count,
     nm_masks,
     parse_nm,
     sparsity,
@@ -39,6 +40,7 @@ __all__ = [
     "channel_masks",
     "count_zeros",
     "flipout",
+    "floor_count",
     "get_criterion",
     "nm_masks",
     "parse_nm",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -132,11 +132,51 @@ def _ranked_prune(scores: torch.Tensor, current: torch.Tensor, n_zero: int) -> t
     return keep
 
 
+def floor_count(size: int, min_density: float) -> int:
+    """The fewest units (weights or channels) of ``size`` that keep ``min_density`` of them.
+
+    Args:
+        size: The layer's number of weights (or of output channels).
+        min_density: Fraction of them a layer of a global group keeps at least.
+    """
+    # Rounded first so that a product like 0.01 * 235200 = 2352.0000000000005 is not one more.
+    return math.ceil(round(min_density * size, 9))
+
+
+def _floored_group(
+    group: list[str],
+    floors: dict[str, int],
+    kept: int,
+    prune_pool: Callable[[list[str], int], dict[str, torch.Tensor]],
+    prune_to_floor: Callable[[str, int], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A global group's masks in which no layer keeps fewer weights than its floor.
+
+    The group shares one threshold (``prune_pool(names, kept)``: masks of ``names`` keeping
+    ``kept`` weights among them); every layer that threshold takes under its floor is held at
+    the floor (``prune_to_floor(name, floor)``: its own top scores) and the others share what
+    is left under a new threshold, until none falls under. Holding a layer only raises the
+    others' threshold, so a held layer stays held. With floors of 0 this is the plain shared
+    threshold; where the floors alone exceed ``kept``, every layer ends at its floor and the
+    group short of its target.
+    """
+    held: list[str] = []
+    while True:
+        pool = [n for n in group if n not in held]
+        left = max(kept - sum(floors[n] for n in held), 0)
+        masks = prune_pool(pool, left) if pool else {}
+        under = [n for n in pool if int(torch.count_nonzero(masks[n])) < floors[n]]
+        if not under:
+            return {**masks, **{n: prune_to_floor(n, floors[n]) for n in held}}
+        held += under
+
+
 def unstructured_masks(
     scores: dict[str, torch.Tensor],
     current: dict[str, torch.Tensor],
     targets: dict[str, float],
     global_groups: list[list[str]],
+    min_density: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Element-wise keep-masks: layers alone at their target, global groups under one threshold.
 
@@ -147,23 +187,52 @@ def unstructured_masks(
             round(target * numel) zeros, or keeps its current mask if that already has more.
         global_groups: Names ranked together; a group's members share one target, applied to
             the group's total size.
+        min_density: Fraction of its weights (its top scores) that every layer of a global
+            group keeps at least (or all its survivors, if fewer), the others pruned further to
+            still meet the target; where the floors alone exceed the group's budget, every
+            layer keeps its floor. 0 ranks the group under one threshold, whatever it leaves.
 
     Raises:
         ValueError: Members of a global group have different targets.
     """
     out: dict[str, torch.Tensor] = {}
+
+    def prune_pool(names: list[str], kept: int) -> dict[str, torch.Tensor]:
+        flat_scores = torch.cat([_rankable(scores[n]).reshape(-1) for n in names])
+        flat_current = torch.cat([current[n].reshape(-1).to(flat_scores.device) for n in names])
+        keep = _ranked_prune(flat_scores, flat_current, flat_scores.numel() - kept)
+        chunks = keep.split([scores[n].numel() for n in names])
+        return {
+            name: chunk.view(scores[name].shape).to(scores[name].device)
+            for name, chunk in zip(names, chunks, strict=True)
+        }
+
     for group in global_groups:
-        flat_scores = torch.cat([_rankable(scores[n]).reshape(-1) for n in group])
-        flat_current = torch.cat([current[n].reshape(-1).to(flat_scores.device) for n in group])
-        n_zero = round(_group_target(group, targets) * flat_scores.numel())
-        keep = _ranked_prune(flat_scores, flat_current, n_zero)
-        for name, chunk in zip(group, keep.split([scores[n].numel() for n in group]), strict=True):
-            out[name] = chunk.view(scores[name].shape).to(scores[name].device)
+        size = sum(scores[n].numel() for n in group)
+        floors = {
+            n: min(
+                floor_count(scores[n].numel(), min_density), int(torch.count_nonzero(current[n]))
+            )
+            for n in group
+        }
+        out.update(
+            _floored_group(
+                group,
+                floors,
+                size - round(_group_target(group, targets) * size),
+                prune_pool,
+                lambda n, kept: _layer_prune(scores[n], current[n], scores[n].numel() - kept),
+            )
+        )
     for name, score in scores.items():
         if name not in out:
-            n_zero = round(targets[name] * score.numel())
-            out[name] = _ranked_prune(score, current[name], n_zero).view(score.shape)
+            out[name] = _layer_prune(score, current[name], round(targets[name] * score.numel()))
     return out
+
+
+def _layer_prune(score: torch.Tensor, current: torch.Tensor, n_zero: int) -> torch.Tensor:
+    """One layer's keep-mask with ``n_zero`` zeros (or the ones it already has, if more)."""
+    return _ranked_prune(score, current, n_zero).view(score.shape)
 
 
 def check_nm_inputs(name: str, shape: Sequence[int], n: int, m: int) -> None:
@@ -244,6 +313,7 @@ def channel_masks(
     current: dict[str, torch.Tensor],
     targets: dict[str, float],
     global_groups: list[list[str]],
+    min_density: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks pruning whole output channels (dim 0), scored by their L2 norm.
 
@@ -259,37 +329,79 @@ def channel_masks(
             that layers of different widths compare); the lowest channels are pruned until the
             number of pruned weights is the closest to round(target * group size), which is
             within one channel.
+        min_density: Fraction of its channels (its highest-norm ones) that every layer of a
+            global group keeps at least (or all its live ones, if fewer); see
+            :func:`unstructured_masks`.
 
     Raises:
         ValueError: Members of a global group have different targets.
     """
     out: dict[str, torch.Tensor] = {}
     for group in global_groups:
-        rms, sizes, dead_before = [], [], []
-        for name in group:
-            rows = weights[name].detach().to(torch.float64).reshape(weights[name].shape[0], -1)
-            rms.append(rows.norm(dim=1).cpu() / math.sqrt(rows.shape[1]))
-            sizes.append(torch.full((rows.shape[0],), rows.shape[1]))
-            dead_before.append(_dead_rows(current[name]).cpu())
-        was_dead = torch.cat(dead_before)
-        score = torch.cat(rms).masked_fill(was_dead, float("-inf"))
-        order = torch.sort(score, stable=True).indices
-        # pruned[p]: weights pruned by the p lowest channels.
-        pruned = [0, *torch.cumsum(torch.cat(sizes)[order], 0).tolist()]
-        budget = round(_group_target(group, targets) * pruned[-1])
-        reach = bisect.bisect_left(pruned, budget)
-        below = max(reach - 1, 0)
-        count = below if budget - pruned[below] < pruned[reach] - budget else reach
-        dead = _lowest(score, max(count, int(was_dead.sum())))
-        for name, flags in zip(
-            group, dead.split([weights[n].shape[0] for n in group]), strict=True
-        ):
-            out[name] = _rows_to_mask(flags, weights[name].shape).to(weights[name].device)
+        # In weights, as the budget: whole channels of each layer's channel size.
+        floors = {
+            n: min(floor_count(weights[n].shape[0], min_density), _live_rows(current[n]))
+            * _row_size(weights[n])
+            for n in group
+        }
+        size = sum(weights[n].numel() for n in group)
+        out.update(
+            _floored_group(
+                group,
+                floors,
+                size - round(_group_target(group, targets) * size),
+                lambda names, kept: _pooled_channels(weights, current, names, kept),
+                lambda n, kept: _layer_channels(
+                    weights[n], current[n], weights[n].shape[0] - kept // _row_size(weights[n])
+                ),
+            )
+        )
     for name, w in weights.items():
         if name not in out:
-            was_dead = _dead_rows(current[name])
-            norms = w.detach().to(torch.float64).reshape(w.shape[0], -1).norm(dim=1)
-            count = max(round(targets[name] * w.shape[0]), int(was_dead.sum()))
-            dead = _lowest(norms.masked_fill(was_dead, float("-inf")), count)
-            out[name] = _rows_to_mask(dead, w.shape)
+            out[name] = _layer_channels(w, current[name], round(targets[name] * w.shape[0]))
     return out
+
+
+def _pooled_channels(
+    weights: dict[str, torch.Tensor], current: dict[str, torch.Tensor], names: list[str], kept: int
+) -> dict[str, torch.Tensor]:
+    """Masks of ``names`` ranked together by channel RMS, keeping the nearest to ``kept``."""
+    rms, sizes, dead_before = [], [], []
+    for name in names:
+        rows = weights[name].detach().to(torch.float64).reshape(weights[name].shape[0], -1)
+        rms.append(rows.norm(dim=1).cpu() / math.sqrt(rows.shape[1]))
+        sizes.append(torch.full((rows.shape[0],), rows.shape[1]))
+        dead_before.append(_dead_rows(current[name]).cpu())
+    was_dead = torch.cat(dead_before)
+    score = torch.cat(rms).masked_fill(was_dead, float("-inf"))
+    order = torch.sort(score, stable=True).indices
+    # pruned[p]: weights pruned by the p lowest channels.
+    pruned = [0, *torch.cumsum(torch.cat(sizes)[order], 0).tolist()]
+    budget = pruned[-1] - kept
+    reach = bisect.bisect_left(pruned, budget)
+    below = max(reach - 1, 0)
+    count = below if budget - pruned[below] < pruned[reach] - budget else reach
+    dead = _lowest(score, max(count, int(was_dead.sum())))
+    splits = dead.split([weights[n].shape[0] for n in names])
+    return {
+        name: _rows_to_mask(flags, weights[name].shape).to(weights[name].device)
+        for name, flags in zip(names, splits, strict=True)
+    }
+
+
+def _row_size(w: torch.Tensor) -> int:
+    """Weights in one output channel of ``w``."""
+    return w.numel() // w.shape[0]
+
+
+def _live_rows(keep: torch.Tensor) -> int:
+    """Output channels with no pruned entry."""
+    return keep.shape[0] - int(_dead_rows(keep).sum())
+
+
+def _layer_channels(w: torch.Tensor, current: torch.Tensor, count: int) -> torch.Tensor:
+    """One layer's mask pruning its ``count`` lowest-norm channels (or more, if already dead)."""
+    was_dead = _dead_rows(current)
+    norms = w.detach().to(torch.float64).reshape(w.shape[0], -1).norm(dim=1)
+    dead = _lowest(norms.masked_fill(was_dead, float("-inf")), max(count, int(was_dead.sum())))
+    return _rows_to_mask(dead, w.shape)

@@ -84,6 +84,7 @@ def fit(tmp_path, callbacks, model=None, **kwargs):
         ({"rate": 0.2}, "`rate` applies only to schedule='iterative'"),
         ({"start": "ten"}, "`start`"),
         ({"overrides": {"fc3": 1.5}}, "`overrides` sparsity must be in"),
+        ({"min_density": 1.0}, r"`min_density` must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, match):
@@ -445,6 +446,55 @@ def test_a_checkpoint_without_events_still_resumes(tmp_path):
     resumed = prune()
     make_trainer(tmp_path, [resumed], max_epochs=3).fit(TinyMLP(), ckpt_path=tmp_path / "old.ckpt")
     assert [e["step"] for e in resumed.events] == [8, 16]
+
+
+# -- layer collapse ----------------------------------------------------------------------------
+
+
+class MLPBlock(TinyMLP):
+    """TinyMLP around an LLM MLP's up/down pair, 4096->11008->4096 scaled to 256->688->256
+    (the same fan-in ratio), at default nn.Linear init."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = torch.nn.Linear(32, 256)
+        self.up = torch.nn.Linear(256, 688)
+        self.down = torch.nn.Linear(688, 256)
+        self.fc3 = torch.nn.Linear(256, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.down(torch.relu(self.up(torch.relu(self.fc2(x))))))
+
+
+@pytest.mark.parametrize("min_density", [0.0, PruneCallback().min_density])
+def test_global_pruning_keeps_the_wider_fan_in_layer_at_its_floor(tmp_path, caplog, min_density):
+    prune = PruneCallback(
+        sparsity=0.9, schedule="oneshot", start=0, include=["up", "down"], min_density=min_density
+    )
+    with caplog.at_level(logging.WARNING, logger="lightning_compress"):
+        model, _ = fit(tmp_path, [prune], model=MLPBlock(), max_epochs=1, limit_train_batches=2)
+    kept = int(torch.count_nonzero(model.down.weight))
+    numel = model.down.weight.numel()
+    assert prune.events[-1]["nonzero"] == round(0.1 * 2 * numel)  # the global target is met
+    warnings = [m for m in caplog.messages if m.startswith("PruneCallback: 'down.weight'")]
+    if min_density == 0:
+        assert kept == 0  # the failure: one threshold empties the layer of wider fan-in
+        assert len(warnings) == 1 and "is far sparser than asked from step 0" in warnings[0]
+        assert "sparsity 1.0000, global target 0.9000" in warnings[0]
+    else:
+        assert kept == math.ceil(min_density * numel)
+        assert len(warnings) == 1 and "held at the `min_density` floor" in warnings[0]
+
+
+def test_floors_beyond_the_target_are_kept_with_a_warning(tmp_path, caplog):
+    prune = PruneCallback(sparsity=0.9, schedule="oneshot", start="1ep", min_density=0.5)
+    with caplog.at_level(logging.WARNING, logger="lightning_compress"):
+        fit(tmp_path, [prune], max_epochs=2)
+    assert [r["sparsity"] for r in prune.layer_stats()] == [0.5] * 3
+    (short,) = [m for m in caplog.messages if "cannot be met" in m]
+    assert short.startswith("PruneCallback: the global target sparsity 0.9000 cannot be met")
+    assert "every layer at `min_density`=0.5: the floors are kept, sparsity 0.5000" in short
+    assert sum("held at the `min_density` floor" in m for m in caplog.messages) == 3
 
 
 # -- logging -----------------------------------------------------------------------------------

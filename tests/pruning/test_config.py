@@ -79,3 +79,13 @@ def test_callback_reads_its_settings_from_the_config():
     prune = PruneCallback(sparsity=0.5, schedule="iterative", rate=0.2, start="1ep")
     assert prune.sparsity == 0.5 and prune.rate == 0.2 and prune.start == Step(1, "ep")
     assert prune.config == PruneConfig(sparsity=0.5, schedule="iterative", rate=0.2, start="1ep")
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.0, 1.5])
+def test_min_density_is_a_fraction(value):
+    with pytest.raises(ValueError, match=rf"`min_density` must be in \[0, 1\), got {value}"):
+        PruneConfig(min_density=value)
+
+
+def test_min_density_is_not_part_of_the_state_key():
+    assert PruneCallback(min_density=0.1).state_key == PruneCallback(min_density=0.0).state_key

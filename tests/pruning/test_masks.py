@@ -4,6 +4,7 @@ import torch
 from lightning_compress.pruning import (
     channel_masks,
     count_zeros,
+    floor_count,
     nm_masks,
     parse_nm,
     sparsity,
@@ -357,3 +358,94 @@ def test_channel_masks_are_monotone(group):
         masks = new
     lower = channel_masks(w, masks, dict.fromkeys(w, 0.1), groups)
     assert all(torch.equal(lower[k], masks[k]) for k in w)
+
+
+# -- the min_density floor of global groups ------------------------------------------------------
+
+
+def mlp_pair(d_model=256, d_hidden=688, seed=0):
+    """An LLM MLP's up/down projections at default nn.Linear init, scaled down from 4096->11008:
+    the same fan-in ratio (11008 / 4096 ~ 688 / 256), so the down projection's weights are all
+    smaller than most of the up projection's."""
+    torch.manual_seed(seed)
+    up, down = torch.nn.Linear(d_model, d_hidden), torch.nn.Linear(d_hidden, d_model)
+    return {"up": up.weight.detach().abs(), "down": down.weight.detach().abs()}
+
+
+def prune_pair(scores, target, min_density, current=None):
+    current = current or {k: full(v.shape) for k, v in scores.items()}
+    targets = dict.fromkeys(scores, target)
+    return unstructured_masks(scores, current, targets, [list(scores)], min_density=min_density)
+
+
+def test_one_threshold_empties_the_wider_fan_in_layer_without_a_floor():
+    scores = mlp_pair()
+    masks = prune_pair(scores, 0.9, min_density=0.0)
+    assert sparsity(masks["down"]) == 1.0  # layer collapse: the network is cut in two
+    assert count_zeros(masks) == round(0.9 * 2 * 256 * 688)
+
+
+@pytest.mark.parametrize("min_density", [0.005, 0.02, 0.05])
+def test_the_floor_keeps_the_layers_top_scores_and_the_others_meet_the_target(min_density):
+    scores = mlp_pair()
+    masks = prune_pair(scores, 0.9, min_density)
+    numel = scores["down"].numel()
+    assert int(masks["down"].sum()) == floor_count(numel, min_density)
+    assert 1 - sparsity(masks["down"]) >= min_density
+    assert count_zeros(masks) == round(0.9 * 2 * numel)  # the group's total is still met
+    for name, keep in masks.items():  # each layer's own top scores survive
+        assert scores[name][~keep].max() <= scores[name][keep].min()
+    assert scores["up"][masks["up"]].min() >= scores["down"][masks["down"]].min()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.9, 0.99])
+def test_a_floor_that_does_not_bind_changes_nothing(target):
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(30, 41), "b": torch.rand(7, 11) * 3, "c": torch.rand(3, 5) + 0.5}
+    plain = prune_pair(scores, target, 0.0)
+    low = min(1 - sparsity(m) for m in plain.values())
+    floored = prune_pair(scores, target, low)
+    assert all(torch.equal(plain[k], floored[k]) for k in scores)
+
+
+def test_floors_beyond_the_budget_are_kept_and_the_target_is_missed():
+    scores = mlp_pair(32, 86)
+    masks = prune_pair(scores, 0.9, 0.2)  # 20% of each layer is more than the 10% asked
+    assert [int(m.sum()) for m in masks.values()] == [floor_count(32 * 86, 0.2)] * 2
+    assert count_zeros(masks) < round(0.9 * 2 * 32 * 86)
+
+
+def test_the_floor_never_un_prunes():
+    scores = mlp_pair(32, 86)
+    current = {k: full(v.shape) for k, v in scores.items()}
+    current["down"] = torch.rand(scores["down"].shape, generator=torch.Generator().manual_seed(0))
+    current["down"] = current["down"] > 0.999  # a layer already below the floor stays there
+    masks = prune_pair(scores, 0.9, 0.05, current)
+    assert torch.equal(masks["down"], current["down"])
+    assert count_zeros(masks) == round(0.9 * 2 * 32 * 86)
+    for target in (0.95, 0.98):  # and a held layer shrinks no further than its floor
+        again = prune_pair(scores, target, 0.05, masks)
+        assert all(torch.all(again[k] <= masks[k]) for k in masks)
+        assert torch.equal(again["down"], masks["down"])
+        masks = again
+
+
+def test_global_channels_keep_their_floor_of_channels():
+    torch.manual_seed(0)
+    weights = {"wide": torch.randn(40, 8), "small": torch.randn(20, 8) * 0.01}
+    current = {k: full(v.shape) for k, v in weights.items()}
+    targets = dict.fromkeys(weights, 0.5)
+    plain = channel_masks(weights, current, targets, [list(weights)])
+    assert dead_channels(plain["small"]).all()
+    masks = channel_masks(weights, current, targets, [list(weights)], min_density=0.1)
+    assert int((~dead_channels(masks["small"])).sum()) == 2  # ceil(0.1 * 20) channels
+    norms = weights["small"].norm(dim=1)
+    assert norms[dead_channels(masks["small"])].max() <= norms[~dead_channels(masks["small"])].min()
+    assert count_zeros(masks) == round(0.5 * 480)
+
+
+def test_the_floor_rounds_up_and_ignores_float_noise():
+    assert floor_count(235200, 0.01) == 2352
+    assert floor_count(176128, 0.005) == 881
+    assert floor_count(10, 0.0) == 0
+    assert floor_count(3, 0.001) == 1
