@@ -12,20 +12,7 @@ from lightning_compress import PruneCallback, QATCallback
 from .helpers import EpochSeededSampler, make_trainer, random_classification
 
 transformers = pytest.importorskip("transformers")
-from .users import BertModule  # noqa: E402
-
-
-def _val_acc(tmp_path, module, callbacks, epochs):
-    trainer = make_trainer(
-        tmp_path,
-        callbacks,
-        max_epochs=epochs,
-        limit_val_batches=None,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=epochs,
-    )
-    trainer.fit(module)
-    return float(trainer.callback_metrics["val/acc"])
+from .users import BertModule, fit_and_validate  # noqa: E402
 
 
 def _prune():
@@ -35,10 +22,10 @@ def _prune():
 @pytest.mark.slow
 def test_bert_int8_qat_keeps_float_accuracy_and_pruned_qat_keeps_pruned_accuracy(tmp_path):
     epochs = 8
-    dense = _val_acc(tmp_path, BertModule(), [], epochs)
-    qat = _val_acc(tmp_path, BertModule(), [QATCallback(bits=8)], epochs)
-    pruned = _val_acc(tmp_path, BertModule(), [_prune()], epochs)
-    pruned_qat = _val_acc(tmp_path, BertModule(), [_prune(), QATCallback(bits=8)], epochs)
+    dense = fit_and_validate(tmp_path, BertModule(), [], epochs)
+    qat = fit_and_validate(tmp_path, BertModule(), [QATCallback(bits=8)], epochs)
+    pruned = fit_and_validate(tmp_path, BertModule(), [_prune()], epochs)
+    pruned_qat = fit_and_validate(tmp_path, BertModule(), [_prune(), QATCallback(bits=8)], epochs)
     assert dense >= 0.95, "the float model must learn the task for the comparison to mean much"
     assert qat >= dense - 0.01, (dense, qat)
     assert pruned_qat >= pruned - 0.03, (pruned, pruned_qat)

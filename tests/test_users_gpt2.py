@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 from lightning_compress import PruneCallback  # noqa: E402
 
 from .helpers import make_trainer  # noqa: E402
-from .users import GPT2Module  # noqa: E402
+from .users import GPT2Module, fit_and_validate  # noqa: E402
 
 
 def _conv1d(model):
@@ -53,16 +53,7 @@ def test_prune_and_int8_qat_of_gpt2_pack_and_reload_as_trained(tmp_path):
 
     def fit(callbacks):
         module = GPT2Module(n=256)
-        trainer = make_trainer(
-            tmp_path,
-            callbacks,
-            max_epochs=epochs,
-            limit_val_batches=None,
-            num_sanity_val_steps=0,
-            check_val_every_n_epoch=epochs,
-        )
-        trainer.fit(module)
-        return module, float(trainer.callback_metrics["val/acc"])
+        return module, fit_and_validate(tmp_path, module, callbacks, epochs)
 
     _, dense = fit([])
     qat = QATCallback(bits=8)

@@ -49,7 +49,37 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup: int) -> dict:
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr, "interval": "step"}}
 
 
-class GPT2Module(pl.LightningModule):
+class HFModule(pl.LightningModule):
+    """What the two Hugging Face modules share: the loss from ``self.model(**batch)``, AdamW with
+    a per-step warmup, and dict-batch loaders of :meth:`dataset` (shuffled, seeded)."""
+
+    lr: float
+    seed: int
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        return warmup_schedule(optimizer, warmup=10)
+
+    def dataset(self, seed: int) -> DictDataset:
+        raise NotImplementedError
+
+    def _loader(self, seed: int, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset(seed), batch_size=32, shuffle=shuffle, generator=g)
+
+    def train_dataloader(self):
+        return self._loader(self.seed, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(1000 + self.seed, shuffle=False)
+
+
+class GPT2Module(HFModule):
     """A small GPT-2 language model trained on counting sequences."""
 
     def __init__(self, lr: float = 3e-3, n: int = 256, seed: int = 0) -> None:
@@ -72,29 +102,29 @@ class GPT2Module(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.model(input_ids=input_ids, **kwargs).logits
 
-    def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss)
-        return loss
-
     def validation_step(self, batch, batch_idx):
         self.log("val/acc", next_token_accuracy(self(batch["input_ids"]), batch["input_ids"]))
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
-        return warmup_schedule(optimizer, warmup=10)
-
-    def _loader(self, seed: int, shuffle: bool) -> DataLoader:
+    def dataset(self, seed: int) -> DictDataset:
         ids = counting_sequences(self.n, seed)
-        data = DictDataset(input_ids=ids, labels=ids.clone())
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=32, shuffle=shuffle, generator=g)
+        return DictDataset(input_ids=ids, labels=ids.clone())
 
-    def train_dataloader(self):
-        return self._loader(self.seed, shuffle=True)
 
-    def val_dataloader(self):
-        return self._loader(1000 + self.seed, shuffle=False)
+def fit_and_validate(tmp_path, module: pl.LightningModule, callbacks: list, epochs: int) -> float:
+    """Trains ``module`` for ``epochs`` and returns its ``val/acc`` on the whole validation set,
+    measured once, at the end."""
+    from .helpers import make_trainer
+
+    trainer = make_trainer(
+        tmp_path,
+        callbacks,
+        max_epochs=epochs,
+        limit_val_batches=None,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=epochs,
+    )
+    trainer.fit(module)
+    return float(trainer.callback_metrics["val/acc"])
 
 
 def next_token_accuracy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -116,7 +146,7 @@ def keyed_sentences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-class BertModule(pl.LightningModule):
+class BertModule(HFModule):
     """A tiny BERT sequence classifier (HF ``BertForSequenceClassification``)."""
 
     def __init__(self, lr: float = 2e-3, n: int = 512, seed: int = 0) -> None:
@@ -139,30 +169,13 @@ class BertModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss)
-        return loss
-
     def validation_step(self, batch, batch_idx):
         logits = self(batch["input_ids"], batch["attention_mask"])
         self.log("val/acc", (logits.argmax(-1) == batch["labels"]).float().mean())
 
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
-        return warmup_schedule(optimizer, warmup=10)
-
-    def _loader(self, seed: int, shuffle: bool) -> DataLoader:
+    def dataset(self, seed: int) -> DictDataset:
         ids, labels = keyed_sentences(self.n, seed)
-        data = DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=32, shuffle=shuffle, generator=g)
-
-    def train_dataloader(self):
-        return self._loader(self.seed, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(1000 + self.seed, shuffle=False)
+        return DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
 
 class BasicBlock(nn.Module):

@@ -183,10 +183,15 @@ class FakeQuantLayers:
         return self.layout(name).uncanonical(quantized if fold is None else quantized / fold)
 
     def quantizes_output(self, module_name: str) -> bool:
-        """Whether the output of ``module_name`` is fake-quantized (and packed as int8)."""
+        """Whether the output of ``module_name`` is fake-quantized (and packed as int8).
+
+        Until the output layer is known (before the first training batch, or a checkpoint
+        written before it was recorded) every observed layer counts as quantized: that is how
+        such a checkpoint was trained, and a fresh run's observers are still empty then.
+        """
         if module_name not in self.observers:
             return False
-        return self.quantize_output or self.output_layer not in (None, module_name)
+        return self.quantize_output or self.output_layer != module_name
 
     @torch.no_grad()
     def convert(self) -> CompressionRecord:

@@ -126,3 +126,14 @@ def test_attention_fast_path_is_off_only_while_the_hooks_are_on(before):
         assert torch.backends.mha.get_fastpath_enabled() is before  # no attention: untouched
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def test_an_unknown_output_layer_quantizes_every_observed_output():
+    """A checkpoint written before the output layer was recorded was trained with every output
+    quantized; its record must keep every activation range."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    layers = FakeQuantLayers(model, {"0.weight": 8, "1.weight": 8}, {}, 8, quantize_output=False)
+    assert layers.output_layer is None
+    assert layers.quantizes_output("0") and layers.quantizes_output("1")
+    layers.output_layer = "1"
+    assert layers.quantizes_output("0") and not layers.quantizes_output("1")
