@@ -2,6 +2,7 @@
 
 from lightning_compress.callbacks import (
     DistillationCallback,
+    LowRankCallback,
     PruneCallback,
     QATCallback,
     RewindCallback,
@@ -9,4 +10,10 @@ from lightning_compress.callbacks import (
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["DistillationCallback", "PruneCallback", "QATCallback", "RewindCallback"]
+__all__ = [
+    "DistillationCallback",
+    "LowRankCallback",
+    "PruneCallback",
+    "QATCallback",
+    "RewindCallback",
+]
