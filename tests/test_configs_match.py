@@ -5,13 +5,15 @@ import inspect
 
 import pytest
 
-from lightning_compress import DistillationCallback, PruneCallback, QATCallback
+from lightning_compress import DistillationCallback, LowRankCallback, PruneCallback, QATCallback
 from lightning_compress.distillation import DistillConfig
+from lightning_compress.lowrank import LowRankConfig
 from lightning_compress.pruning import PruneConfig
 from lightning_compress.quantization import QATConfig
 
 PAIRS = [
     (DistillationCallback, DistillConfig),
+    (LowRankCallback, LowRankConfig),
     (PruneCallback, PruneConfig),
     (QATCallback, QATConfig),
 ]

@@ -141,10 +141,7 @@ class LowRankCallback(ConfiguredCallback):
         # slots, so a resumed optimizer state lands on them.
         self._restore(trainer)
         for optimizer in trainer.optimizers:
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._hook_handles.append(
-                optimizer.register_step_post_hook(lambda *_, owned=owned: self._after_step(owned))
-            )
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_step))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -296,7 +293,9 @@ class LowRankCallback(ConfiguredCallback):
         if matrix.data_ptr() != param.data.data_ptr():  # a copy (a non-standard layout)
             param.data.copy_(self.layouts[name].from_matrix(matrix, param.shape))
 
-    def _after_step(self, owned: set[int]) -> None:
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # Only the layers this optimizer trains (read now: events move factors into it).
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         assert self._model is not None
         for name, basis in self.bases.items():
             if id(self._model.get_parameter(name)) in owned:

@@ -9,7 +9,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("ddp_prune_script.py")
 
 
-def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
+def run_two_ranks(tmp_path: Path, mode: str, script: Path = SCRIPT) -> list[dict]:
     """Runs the DDP script (2 CPU processes, gloo) and returns each rank's record.
 
     A launch that dies is retried once (with the first failure reported as a warning): the
@@ -18,7 +18,7 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     """
     for attempt in (1, 2):
         out = subprocess.run(
-            [sys.executable, str(SCRIPT), str(tmp_path), mode],
+            [sys.executable, str(script), str(tmp_path), mode],
             capture_output=True,
             text=True,
             timeout=300,
