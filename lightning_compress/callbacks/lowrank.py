@@ -26,7 +26,7 @@ from lightning_compress.lowrank.factors import (
     truncate,
 )
 from lightning_compress.lowrank.plan import RankPlan, build_rank_plan, target_ranks
-from lightning_compress.pruning.events import PruneEventSource
+from lightning_compress.pruning.events import PruneEventSource, Rewinder
 from lightning_compress.quantization.record import CompressionRecord, RecordSource
 from lightning_compress.targets import log_targeting, resolve_targets
 
@@ -267,6 +267,13 @@ class LowRankCallback(ConfiguredCallback):
         for other in trainer.callbacks:
             if other is self:
                 continue
+            if isinstance(other, Rewinder) and (self.method == "factored" or other.mode != "lr"):
+                raise ValueError(
+                    f"{_OWNER} (method={self.method!r}) cannot follow a RewindCallback with "
+                    f"mode={other.mode!r}: it would move the low-rank weights"
+                    + (" or their optimizer state" if self.method == "factored" else "")
+                    + " back outside an optimizer step; use mode='lr' with method='projected'"
+                )
             theirs = set(getattr(other, "targets", None) or ())
             shared = sorted(mine & theirs)
             if not shared:

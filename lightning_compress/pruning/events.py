@@ -55,3 +55,18 @@ class PruneEventSource(Protocol):
 
     def reapply_masks(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Zeros the pruned weights and their optimizer state again (after a rewind)."""
+
+
+@runtime_checkable
+class Rewinder(Protocol):
+    """A listener that moves weights or optimizer state back after events (``RewindCallback``).
+
+    Other callbacks that hold state about the weights (``LowRankCallback``) find it with
+    ``isinstance`` and refuse what they cannot follow.
+    """
+
+    mode: str
+
+    def on_prune_ready(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, prune: PruneEventSource
+    ) -> None: ...

@@ -289,3 +289,36 @@ def test_events_are_logged_with_spectra_under_wandb(tmp_path, monkeypatch):
     keys = {k for payload in logged for k in payload}
     assert "lowrank/spectrum/fc2.weight" in keys
     assert {"lowrank/rank/fc2.weight", "lowrank/energy/fc2.weight", "lowrank/params"} <= keys
+
+
+@pytest.mark.parametrize(
+    ("method", "mode", "refused"),
+    [("projected", "weights", True), ("projected", "lr", False), ("factored", "lr", True)],
+)
+def test_rewinding_is_followed_only_where_the_rank_survives_it(tmp_path, method, mode, refused):
+    from lightning_compress import RewindCallback
+
+    lowrank = LowRankCallback(rank=2, schedule="oneshot", start=0, include="fc2", method=method)
+    prune = PruneCallback(sparsity=0.5, schedule="oneshot", start="1ep", include="fc1")
+    rewind = RewindCallback(to=0, mode=mode)
+    trainer = make_trainer(tmp_path, [lowrank, prune, rewind], max_epochs=2)
+    model = TinyMLP()
+    if refused:
+        with pytest.raises(ValueError, match=f"cannot follow a RewindCallback with mode='{mode}'"):
+            trainer.fit(model)
+        return
+    trainer.fit(model)
+    assert rewind.rewinds and _rank_of(model.fc2.weight) == 2
+
+
+def test_distillation_and_pruning_of_other_layers_compose(tmp_path):
+    from lightning_compress import DistillationCallback
+
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 4))
+    lowrank = LowRankCallback(rank=2, schedule="oneshot", start=0, include="fc2", method="factored")
+    prune = PruneCallback(sparsity=0.5, schedule="oneshot", start=0, include="fc1")
+    model = TinyMLP()
+    make_trainer(tmp_path, [DistillationCallback(teacher), lowrank, prune], max_epochs=1).fit(model)
+    assert _rank_of(model.fc2.weight) == 2
+    assert float((model.fc1.weight == 0).float().mean()) == pytest.approx(0.5)
