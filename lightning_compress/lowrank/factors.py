@@ -103,6 +103,34 @@ def truncate(
     )
 
 
+def randomized_truncate(
+    matrix: torch.Tensor, rank: int, seed: int, oversample: int = 10, iterations: int = 2
+) -> Truncation:
+    """A near-best rank-``rank`` approximation by a seeded randomized SVD (Halko et al. 2011).
+
+    ``rank + oversample`` Gaussian probes, ``iterations`` power iterations (re-orthonormalised),
+    then an exact SVD of the small projected matrix: 2 (iterations + 1) products with the
+    matrix instead of a full SVD, which for a 4096 x 4096 weight at rank 341 is a second
+    instead of a minute. ``singular`` holds only the ``rank + oversample`` largest values.
+
+    Args:
+        matrix: The weight's canonical matrix ``(out, reduction)``.
+        rank: The rank kept.
+        seed: Seeds the probes (the same on every call with the same seed: no global RNG).
+        oversample: Extra probes beyond ``rank``.
+        iterations: Power iterations (sharpen a slowly decaying spectrum).
+    """
+    work = matrix.detach().float()
+    probes = min(rank + oversample, min(work.shape))
+    generator = torch.Generator(device=work.device).manual_seed(seed)
+    omega = torch.randn(work.shape[1], probes, generator=generator, device=work.device)
+    q = orthonormal(work @ omega)
+    for _ in range(iterations):
+        q = orthonormal(work @ orthonormal(work.T @ q))
+    u_small, s, vh = torch.linalg.svd(q.T @ work, full_matrices=False)
+    return truncate(matrix, rank, (q @ u_small, s, vh))
+
+
 def orthonormal(columns: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of ``columns``' span, as many columns (reduced QR)."""
     q, _ = torch.linalg.qr(columns)

@@ -117,3 +117,21 @@ def test_plan_errors_name_the_layer_and_the_limit():
         build_rank_plan(LowRankConfig(rank=2, overrides={"fc9": 1}), {"fc1": (8, 8)}, 0, 10, 1)
     with pytest.raises(ValueError, match="is before `start`"):
         build_rank_plan(LowRankConfig(rank=2, start="2ep", end=3), {"fc1": (8, 8)}, 20, 3, 1)
+
+
+def test_randomized_truncation_is_near_best_and_seeded():
+    from lightning_compress.lowrank.factors import randomized_truncate
+
+    # A decaying spectrum, as trained weights have.
+    u, _ = torch.linalg.qr(_matrix(300, 300, seed=2))
+    v, _ = torch.linalg.qr(_matrix(200, 200, seed=3))
+    spectrum = torch.logspace(0, -3, 200)
+    matrix = (u[:, :200] * spectrum) @ v.T
+    best = truncate(matrix, 20)
+    fast = randomized_truncate(matrix, 20, seed=7)
+    best_error = torch.linalg.matrix_norm(matrix - best.first @ best.second)
+    fast_error = torch.linalg.matrix_norm(matrix - fast.first @ fast.second)
+    assert float(fast_error) <= 1.01 * float(best_error)
+    again = randomized_truncate(matrix, 20, seed=7)
+    assert torch.equal(fast.first, again.first)  # no global RNG: the same seed, the same cut
+    assert torch.allclose(fast.basis.T @ fast.basis, torch.eye(20), atol=1e-5)
