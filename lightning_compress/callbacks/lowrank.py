@@ -66,6 +66,8 @@ class LowRankCallback(ConfiguredCallback):
             fraction of each layer's full rank (floored, at least 1).
         energy: Instead of ``rank``: each layer keeps the smallest rank whose singular values
             hold this share of its squared Frobenius norm, chosen at every event.
+        params: Instead of ``rank``: the share of each layer's parameters it keeps, in (0, 1]:
+            the largest rank r with r (m + n) <= params * m n (``1/6`` is a sixth of each).
         schedule: ``"oneshot"`` (the final rank at ``start``), ``"linear"`` or ``"cubic"``
             (the share of the rank removed rises as sparsity does in pruning).
         start: First event: ``"Nep"`` (epochs), ``"Nit"`` or an int (optimizer steps).
@@ -94,6 +96,7 @@ class LowRankCallback(ConfiguredCallback):
         self,
         rank: int | float | None = None,
         energy: float | None = None,
+        params: float | None = None,
         schedule: str = "cubic",
         start: str | int = "0ep",
         end: str | int = "10ep",
@@ -106,6 +109,7 @@ class LowRankCallback(ConfiguredCallback):
         self.config = LowRankConfig(
             rank=rank,
             energy=energy,
+            params=params,
             schedule=schedule,
             start=start,
             end=end,

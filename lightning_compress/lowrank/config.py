@@ -51,12 +51,22 @@ class LowRankConfig(MethodConfig):
     """
 
     VERSION: ClassVar[int] = 1
-    STATE_KEY: ClassVar[tuple[str, ...]] = ("rank", "energy", "schedule", "include", "exclude")
+    STATE_KEY: ClassVar[tuple[str, ...]] = (
+        "rank",
+        "energy",
+        "params",
+        "schedule",
+        "include",
+        "exclude",
+    )
 
     rank: int | float | None = None
     # Instead of a rank: each layer keeps the smallest rank holding this share of its squared
     # Frobenius norm, decided from its spectrum at every event.
     energy: float | None = None
+    # Or a parameter budget: each layer keeps the largest rank r with r (m + n) <= params * m n,
+    # the same share of every layer's parameters whatever its shape ("a sixth of fc1").
+    params: float | None = None
     schedule: str = "cubic"
     start: Step | str | int = "0ep"
     end: Step | str | int = "10ep"
@@ -70,12 +80,20 @@ class LowRankConfig(MethodConfig):
     method: str = "projected"
 
     def __post_init__(self) -> None:
-        if (self.rank is None) == (self.energy is None):
+        given = [v is not None for v in (self.rank, self.energy, self.params)]
+        if sum(given) != 1:
             raise ValueError(
                 "give exactly one of `rank` (an int, or a float fraction of each layer's full "
-                f"rank) and `energy` (the share of each spectrum to keep), got rank={self.rank!r}, "
-                f"energy={self.energy!r}"
+                "rank), `energy` (the share of each spectrum to keep) and `params` (the share of "
+                f"each layer's parameters to keep), got rank={self.rank!r}, "
+                f"energy={self.energy!r}, params={self.params!r}"
             )
+        if self.params is not None and (
+            isinstance(self.params, bool)
+            or not isinstance(self.params, int | float)
+            or not 0.0 < self.params <= 1.0
+        ):
+            raise ValueError(f"`params` must be in (0, 1], got {self.params!r}")
         if self.rank is not None:
             check_rank(self.rank, "`rank`")
         if self.energy is not None and (

@@ -107,6 +107,14 @@ class RankPlan:
         return self.energy is not None
 
 
+def rank_for_params(shape: tuple[int, ...], share: float) -> int:
+    """The largest rank r with r (m + n) <= ``share`` * m n for a canonical ``shape`` (>= 1)."""
+    out, reduction = shape[0], math.prod(shape[1:])
+    # The epsilon keeps an exact budget (r (m + n) == share m n) from flooring one below.
+    budget = share * out * reduction / (out + reduction)
+    return max(1, min(full_rank(shape), math.floor(budget + 1e-9)))
+
+
 def target_ranks(
     config: LowRankConfig, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, int | None]:
@@ -121,7 +129,9 @@ def target_ranks(
     for name, shape in shapes.items():
         value = overrides.get(name, config.rank)
         full = full_rank(shape)
-        if value is None:
+        if value is None and config.params is not None:
+            out[name] = rank_for_params(shape, config.params)
+        elif value is None:
             out[name] = None
         elif isinstance(value, float):
             out[name] = max(1, math.floor(value * full + 1e-9))

@@ -123,7 +123,7 @@ def test_resume_mid_schedule_reproduces_the_uninterrupted_run(tmp_path, method):
 def test_state_key_and_checkpoint_content(tmp_path):
     lowrank = LowRankCallback(rank=2, schedule="oneshot", start=0, include=["fc1", "fc2"])
     assert lowrank.state_key == (
-        "LowRankCallback{'rank': 2, 'energy': None, 'schedule': 'oneshot', "
+        "LowRankCallback{'rank': 2, 'energy': None, 'params': None, 'schedule': 'oneshot', "
         "'include': ['fc1', 'fc2'], 'exclude': None}"
     )
     trainer = make_trainer(tmp_path, [lowrank], max_epochs=1)

@@ -27,6 +27,9 @@ from lightning_compress.lowrank import (
         ({"rank": 0.0}, r"`rank` must be in \(0, 1\]"),
         ({"rank": True}, "`rank` must be an int >= 1 or a float"),
         ({"rank": "8"}, "`rank` must be an int >= 1 or a float"),
+        ({"rank": 2, "params": 0.5}, "exactly one of `rank`"),
+        ({"params": 0.0}, r"`params` must be in \(0, 1\]"),
+        ({"params": 2}, r"`params` must be in \(0, 1\]"),
         ({"energy": 0.0}, r"`energy` must be in \(0, 1\]"),
         ({"energy": 1.2}, r"`energy` must be in \(0, 1\]"),
         ({"rank": 4, "schedule": "iterative"}, "`schedule` must be one of"),
@@ -135,3 +138,15 @@ def test_randomized_truncation_is_near_best_and_seeded():
     again = randomized_truncate(matrix, 20, seed=7)
     assert torch.equal(fast.first, again.first)  # no global RNG: the same seed, the same cut
     assert torch.allclose(fast.basis.T @ fast.basis, torch.eye(20), atol=1e-5)
+
+
+def test_a_parameter_budget_gives_each_layer_the_largest_rank_within_it():
+    config = LowRankConfig(params=1 / 6, schedule="oneshot")
+    plan = build_rank_plan(
+        config, {"fc1": (300, 784), "fc2": (100, 300), "c": (8, 8, 3, 3)}, 0, 0, 1
+    )
+    ranks = {n: plan.rank_at(n, 0) for n in plan.layers}
+    assert ranks == {"fc1": 36, "fc2": 12, "c": 1}  # 36 * 1084 <= 784 * 300 / 6 < 37 * 1084
+    for name, rank in ranks.items():
+        layer = plan.layers[name]
+        assert layer.params(rank) <= layer.out * layer.reduction / 6 or rank == 1
