@@ -1,9 +1,10 @@
 """Packing a compressed model into a compact artifact and running it with the compiled kernels.
 
-``pack(model, path, qat=...)`` writes the artifact, ``load_into(model, path)`` swaps the model's
-layers for :class:`PackedLinear` / :class:`PackedConv2d` and loads the weights, ``report(path)``
-tabulates sizes per layer and every layer kept fp32 with the reason (:func:`plan_layers`),
-``compare_packed`` scores and times the reloaded artifact against its network.
+``pack(model, path, qat=..., lowrank=...)`` writes the artifact, ``load_into(model, path)`` swaps
+the model's layers for :class:`PackedLinear` / :class:`PackedConv2d` / :class:`PackedLowRank` and
+loads the weights, ``report(path)`` tabulates sizes per layer and every layer kept fp32 with the
+reason (:func:`plan_layers`), ``compare_packed`` scores and times the reloaded artifact against
+its network.
 Format: :mod:`lightning_compress.export.artifact`.
 """
 
@@ -19,7 +20,7 @@ from lightning_compress.export.artifact import (
     report,
 )
 from lightning_compress.export.measure import PackedComparison, compare_packed, evaluate, latency
-from lightning_compress.export.modules import PackedConv2d, PackedLinear
+from lightning_compress.export.modules import PackedConv2d, PackedLinear, PackedLowRank
 from lightning_compress.export.plan import UnpackedLayer, packable_layers, plan_layers
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "PackedComparison",
     "PackedConv2d",
     "PackedLinear",
+    "PackedLowRank",
     "Report",
     "UnpackedLayer",
     "compare_packed",

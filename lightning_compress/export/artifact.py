@@ -8,13 +8,17 @@ Tensors:
 - ``packed/<layer>/unary`` and ``packed/<layer>/low``  the Rice-coded positions of a sparse
   layer (:mod:`lightning_compress.export.positions`);
 - ``packed/<layer>/scale`` float32 [N] per output channel, ``packed/<layer>/bias`` float32 [N];
+- ``packed/<layer>/first/...`` and ``packed/<layer>/second/...``  the two factors of a low-rank
+  layer (``first @ second`` is its canonical [N, K] matrix, rank R): ``weight`` float32 [N, R]
+  and [R, K], or ``qweight`` (dense, as above) with ``scale`` [N] and [R], one per factor row;
 - ``state/<key>``  every other entry of the model's state dict, as it was (BatchNorm statistics,
   embeddings, layers left uncompressed in fp32).
 
 The safetensors header's ``__metadata__`` (strings only) holds ``format``
 (``"lightning-compress"``), ``format_version``, ``layers`` (a JSON table: name, kind, module type,
 the module's weight shape and its (out, in) axes, the canonical matrix shape, bits, layout,
-counts, convolution geometry, activation range), ``unpacked`` (a JSON list of every other
+counts, convolution geometry, activation range; for kind ``"lowrank"`` the rank and bits, null
+for fp32 factors, instead of layout and counts), ``unpacked`` (a JSON list of every other
 weight-bearing layer: name, type and the reason it is kept fp32; absent in artifacts written
 before it existed) and ``checksum``: SHA-256 over the table, the list and every tensor's name,
 dtype, shape and bytes. Loading parses the header itself, reads tensors with safetensors (which
@@ -30,7 +34,13 @@ container of int4, 5 to 8 bits the int8 one; the table keeps the true bits.
 Writing takes a :class:`~lightning_compress.quantization.CompressionRecord` (the one a
 ``QATCallback`` made, or post-training integers) and stores each layer record with the packer
 registered for its type (:func:`packer`, :data:`PACKERS`): a new kind of compressed layer is a
-new record class and one packer.
+new record class and one packer. Low-rank factors
+(:class:`~lightning_compress.lowrank.record.LowRankLayer`) come in a second record and reload as
+:class:`~lightning_compress.export.modules.PackedLowRank`.
+
+Version 2 added low-rank layers. An artifact without them is still written as version 1, so
+releases that read only version 1 keep reading it; one with them is version 2, which those
+releases refuse by its version (asking for an upgrade) rather than as a corrupted file.
 """
 
 from __future__ import annotations
@@ -38,9 +48,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,13 +66,16 @@ from lightning_compress.export import positions
 from lightning_compress.export.modules import (
     PackedConv2d,
     PackedLinear,
+    PackedLowRank,
     conv_params,
     packed_kind,
     unpackable_reason,
 )
 from lightning_compress.export.plan import UnpackedLayer, plan_layers
 from lightning_compress.layout import STANDARD, WeightLayout, layout_of
+from lightning_compress.lowrank.record import LowRankLayer
 from lightning_compress.quantization import (
+    ActivationRange,
     CompressionRecord,
     LayerRecord,
     QuantizedLayer,
@@ -71,7 +85,8 @@ from lightning_compress.quantization import (
 )
 
 FORMAT = "lightning-compress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reads and writes
+_PLAIN_VERSION = 1  # written for artifacts without low-rank layers (see the module docstring)
 SPARSE_MAX_DENSITY = 0.5  # layers with at most this share of non-zero integers are stored sparse
 _MAX_HEADER = 100 << 20
 _DROPPED = " (its record is not stored)"  # appended to an unpacked layer's reason
@@ -108,20 +123,76 @@ def _record(
             )
             for name, module in layers.items()
         )
-    if isinstance(qat, CompressionRecord):
-        record = qat
-    elif isinstance(qat, RecordSource):
-        record = qat.record
+    return _source_record(
+        model,
+        qat,
+        "qat",
+        "QATCallback",
+        "integer weights: pass the QATCallback after trainer.fit (or after its attach() on a "
+        "restored model), or the record its convert() returns",
+    )
+
+
+def _source_record(
+    model: nn.Module,
+    source: CompressionRecord | RecordSource,
+    argument: str,
+    callback: str,
+    empty: str,
+) -> CompressionRecord:
+    """The record ``source`` is or holds, named as in ``model``; ``empty`` ends the error
+    for a record without layers."""
+    if isinstance(source, CompressionRecord):
+        record = source
+    elif isinstance(source, RecordSource):
+        record = source.record
     else:
         raise TypeError(
-            f"`qat` must be a QATCallback or a CompressionRecord, got {type(qat).__name__}"
+            f"`{argument}` must be a {callback} or a CompressionRecord, got {type(source).__name__}"
         )
     if not record:
-        raise ValueError(
-            "`qat` holds no integer weights: pass the QATCallback after trainer.fit (or after "
-            "its attach() on a restored model), or the record its convert() returns"
-        )
+        raise ValueError(f"`{argument}` holds no {empty}")
     return record.relative_to(model)
+
+
+def _lowrank_record(
+    model: nn.Module, lowrank: CompressionRecord | RecordSource | None
+) -> CompressionRecord:
+    """The low-rank record, named as in ``model``, every layer of it one pack can store."""
+    if lowrank is None:
+        return CompressionRecord(())
+    record = _source_record(
+        model,
+        lowrank,
+        "lowrank",
+        "LowRankCallback",
+        "low-rank layers: pass the LowRankCallback after trainer.fit, or a CompressionRecord "
+        "of LowRankLayer",
+    )
+    modules = dict(model.named_modules())
+    for name, layer in record.items():
+        if not isinstance(layer, LowRankLayer):
+            raise TypeError(
+                f"`lowrank` must hold LowRankLayer records, got a {type(layer).__name__} for "
+                f"{name!r}"
+            )
+        module = modules.get(name.rpartition(".")[0])
+        reason = None if module is None else unpackable_reason(module)
+        if reason is not None:
+            raise ValueError(
+                f"`lowrank`: {name!r} cannot be packed as two factors: {reason}; low-rank "
+                f"layers pack for nn.Linear, transformers' Conv1D and nn.Conv2d with groups=1"
+            )
+    return record
+
+
+def _with_qat(layer: LowRankLayer, quantized: LayerRecord | None) -> LowRankLayer:
+    """``layer`` taking, from the QAT record of the same weight, its bits where ``layer`` has
+    none and its activation range."""
+    if not isinstance(quantized, QuantizedLayer):
+        return layer
+    bits = quantized.bits if layer.bits is None else layer.bits
+    return replace(layer, bits=bits, activation=layer.activation or quantized.activation)
 
 
 def checksum(
@@ -144,6 +215,7 @@ def pack(
     qat: CompressionRecord | RecordSource | None = None,
     bits: int | None = 8,
     exclude: list[str] | None = None,
+    lowrank: CompressionRecord | RecordSource | None = None,
 ) -> Path:
     """Writes ``model`` as a packed artifact and returns its path.
 
@@ -156,36 +228,55 @@ def pack(
             activation ranges are stored, so the packed model computes what the fake-quantized
             model computed. Layers it did not quantize stay fp32.
         bits: Without ``qat``: per-channel post-training quantization of every packable layer to
-            8 or 4 bits; None leaves them fp32.
+            8 or 4 bits; None leaves them fp32. Low-rank layers are not affected: their
+            record's bits decide.
         exclude: Module-name patterns to leave uncompressed.
+        lowrank: The ``LowRankCallback`` that factored the model (its :attr:`record`), or a
+            :class:`~lightning_compress.quantization.CompressionRecord` of
+            :class:`~lightning_compress.lowrank.record.LowRankLayer`, named as ``qat`` is.
+            Each layer in it is stored as its two factors, which replace the layer's weight
+            (and its ``qat`` integers, where it has both): fp32 when the record's ``bits`` is
+            None, else each factor quantized per row (output channel of the factor) to those
+            bits. A layer with ``bits`` None that is also in the ``qat`` record takes that
+            layer's QAT bits; it takes its QAT activation range in any case.
 
     Every weight-bearing layer that is not packed is listed, with the reason, in the
     artifact (``report`` shows it) and in an INFO log line; a layer the record quantized but
     that cannot be packed is also a WARNING, since the reloaded model computes it in fp32.
 
     Raises:
-        ValueError: ``bits`` not 8, 4 or None; a ``qat`` without integers; a ``model`` outside
-            the module the record was taken from; a record kind no packer handles; integers
-            not in their layer's canonical (out, in, *kernel) shape.
-        TypeError: ``qat`` neither a record nor something holding one.
+        ValueError: ``bits`` not 8, 4 or None; a ``qat`` or ``lowrank`` without layers; a
+            ``model`` outside the module a record was taken from; a record kind no packer
+            handles; integers not in their layer's canonical (out, in, *kernel) shape;
+            low-rank factors whose product is not the layer's canonical (out, in * kernel)
+            matrix, or of a layer with no packed kernel (a grouped convolution).
+        TypeError: ``qat`` or ``lowrank`` neither a record nor something holding one; a
+            ``lowrank`` record of something other than LowRankLayer.
     """
     if bits not in (None, 4, 8):
         raise ValueError(f"`bits` must be 8, 4 or None, got {bits!r}")
     plan = plan_layers(model, exclude)
-    record = _record(model, qat, bits, plan.packable)
+    factors = _lowrank_record(model, lowrank)
+    rest = {n: m for n, m in plan.packable.items() if f"{n}.weight" not in factors}
+    record = _record(model, qat, bits, rest)
     tensors: dict[str, torch.Tensor] = {}
     table: list[dict[str, Any]] = []
     packed_keys: set[str] = set()
     unpacked = dict(plan.unpacked)
     for name, module in plan.packable.items():
-        layer = record.get(f"{name}.weight")
+        key = f"{name}.weight"
+        layer = factors.get(key)
+        if layer is not None:
+            layer = _with_qat(layer, record.get(key) if qat is not None else None)
+        else:
+            layer = record.get(key)
         if layer is None:
             why = "`bits=None`" if qat is None else "not quantized by `qat`"
             unpacked[name] = UnpackedLayer(name, type(module).__name__, f"{why}: kept fp32")
             continue
         table.append(_packer(layer)(name, module, layer, tensors))
         packed_keys.update({f"{name}.weight", f"{name}.bias"})
-    _note_dropped(record, packed_keys, unpacked)
+    _note_dropped(dict.fromkeys([*record, *factors]), packed_keys, unpacked)
     for key, value in model.state_dict().items():
         if key not in packed_keys:
             # A copy: tied weights are two state entries over one storage, which safetensors
@@ -196,7 +287,9 @@ def pack(
     unpacked_json = json.dumps([asdict(r) for r in rows], separators=(",", ":"))
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(
+            FORMAT_VERSION if any(e["kind"] == "lowrank" for e in table) else _PLAIN_VERSION
+        ),
         "layers": layers_json,
         "unpacked": unpacked_json,
         "checksum": checksum(layers_json, tensors, unpacked_json),
@@ -215,10 +308,10 @@ def pack(
 
 
 def _note_dropped(
-    record: CompressionRecord, packed_keys: set[str], unpacked: dict[str, UnpackedLayer]
+    compressed: Iterable[str], packed_keys: set[str], unpacked: dict[str, UnpackedLayer]
 ) -> None:
-    """Marks the unpacked layers whose weights the record compressed, and warns about them."""
-    dropped = [name for name in record if name not in packed_keys]
+    """Marks the unpacked layers whose weights the records compressed, and warns about them."""
+    dropped = [name for name in compressed if name not in packed_keys]
     for name in dropped:
         owner = name.rpartition(".")[0]
         row = unpacked.get(owner)
@@ -297,9 +390,7 @@ def _pack_integers(
     if kind == "conv2d":
         entry["conv"] = conv_params(module)
     values = flat[nz] if sparse else flat
-    tensors[prefix + ("values" if sparse else "qweight")] = (
-        pack_int4(values) if _container(layer.bits) == 4 else values.contiguous()
-    )
+    tensors[prefix + ("values" if sparse else "qweight")] = _stored(values, layer.bits)
     if sparse:
         unary, low, k, unary_bits = positions.encode(nz)
         tensors[prefix + "unary"], tensors[prefix + "low"] = unary, low
@@ -307,13 +398,68 @@ def _pack_integers(
     tensors[prefix + "scale"] = layer.scale.float().contiguous().cpu()
     if module.bias is not None:
         tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
-    act = layer.activation
-    entry["act"] = (
-        None
-        if act is None
-        else {"scale": act.scale, "zero_point": act.zero_point, "bits": act.bits}
-    )
+    entry["act"] = _act_entry(layer.activation)
     return entry
+
+
+@packer(LowRankLayer)
+def _pack_factors(
+    name: str, module: nn.Module, layer: LowRankLayer, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The two factors of the canonical (out, in * kernel) matrix, dense: fp32, or each
+    quantized per row (one scale per output channel of the factor) at the record's bits."""
+    matrix = _matrix_shape(module)
+    product = (int(layer.first.shape[0]), int(layer.second.shape[1]))
+    if product != matrix:
+        raise ValueError(
+            f"{layer.name}: the low-rank factors {tuple(layer.first.shape)} @ "
+            f"{tuple(layer.second.shape)} make a {product} matrix, the weight's canonical "
+            f"(out, in * kernel) matrix is {matrix} (weight {tuple(module.weight.shape)} of a "
+            f"{type(module).__name__})"
+        )
+    layout = _layout(module)
+    entry: dict[str, Any] = {
+        "name": name,
+        "kind": "lowrank",
+        "module": type(module).__name__,
+        "weight_shape": list(module.weight.shape),
+        "axes": [layout.out_axis, layout.in_axis],
+        "shape": list(matrix),
+        "rank": layer.rank,
+        "bits": layer.bits,
+        "bias": module.bias is not None,
+    }
+    if packed_kind(module) == "conv2d":
+        entry["conv"] = conv_params(module)
+    prefix = f"packed/{name}/"
+    for part, factor in (("first", layer.first), ("second", layer.second)):
+        if layer.bits is None:
+            tensors[f"{prefix}{part}/weight"] = factor.detach().float().cpu().contiguous()
+            continue
+        q = QuantizedLayer.from_weight(f"{layer.name}.{part}", factor.detach().float(), layer.bits)
+        tensors[f"{prefix}{part}/qweight"] = _stored(q.values.reshape(-1), layer.bits)
+        tensors[f"{prefix}{part}/scale"] = q.scale.float().contiguous()
+    if module.bias is not None:
+        tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
+    entry["act"] = _act_entry(layer.activation)
+    return entry
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """The (out, in * kernel) shape of the module's weight in its canonical order."""
+    out, *rest = _layout(module).canonical_shape(tuple(module.weight.shape))
+    return out, math.prod(rest)
+
+
+def _stored(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flat int8 integers as the artifact stores them: int8, or two per byte up to 4 bits."""
+    return pack_int4(values) if _container(bits) == 4 else values.contiguous()
+
+
+def _act_entry(act: ActivationRange | None) -> dict[str, Any] | None:
+    if act is None:
+        return None
+    return {"scale": act.scale, "zero_point": act.zero_point, "bits": act.bits}
 
 
 def _container(bits: int) -> int:
@@ -466,21 +612,9 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             module = modules.get(name)
             _check_fits(where, name, module, entry)
             try:
-                parts = _decode_layer(entry, art.tensors)
+                new = _packed_module(entry, art.tensors, module)
             except (KeyError, ValueError, RuntimeError) as err:
                 raise ArtifactError(f"{where}: layer {name!r} is corrupted: {err}") from None
-            conv = entry["kind"] == "conv2d"
-            cls = PackedConv2d if conv else PackedLinear
-            extra = {"conv": entry["conv"]} if conv else {}
-            new = cls(
-                parts["q"],
-                parts["scale"],
-                parts["bias"],
-                parts["bits"],
-                parts["sparse"],
-                entry.get("act"),
-                **extra,
-            )
             new.train(module.training)
             replacements[name] = new
             covered.update({f"{name}.weight", f"{name}.bias"})
@@ -510,13 +644,86 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _packed_module(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], module: nn.Module
+) -> nn.Module:
+    """The inference module of one layer table entry (validated against ``module``'s shape)."""
+    if entry["kind"] == "lowrank":
+        return _lowrank_module(entry, tensors, _matrix_shape(module))
+    parts = _decode_layer(entry, tensors)
+    conv = entry["kind"] == "conv2d"
+    cls = PackedConv2d if conv else PackedLinear
+    extra = {"conv": entry["conv"]} if conv else {}
+    return cls(
+        parts["q"],
+        parts["scale"],
+        parts["bias"],
+        parts["bits"],
+        parts["sparse"],
+        entry.get("act"),
+        **extra,
+    )
+
+
+def _lowrank_module(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], matrix: tuple[int, int]
+) -> PackedLowRank:
+    """A low-rank layer's factors, checked against the table and the module's matrix."""
+    name = entry["name"]
+    n, k = (int(v) for v in entry["shape"])
+    rank, bits = int(entry["rank"]), entry["bits"]
+    if (n, k) != matrix or rank < 1:
+        raise ValueError(
+            f"the table's matrix {[n, k]} at rank {rank} does not fit the layer's canonical "
+            f"(out, in * kernel) matrix {list(matrix)}"
+        )
+    shapes = {"first": (n, rank), "second": (rank, k)}
+    if bits is None:
+        first, second = (tensors[f"packed/{name}/{part}/weight"] for part in shapes)
+        for part, factor in (("first", first), ("second", second)):
+            if factor.dtype != torch.float32 or tuple(factor.shape) != shapes[part]:
+                raise ValueError(
+                    f"factor {part!r} is {factor.dtype} {list(factor.shape)}, the table (rank "
+                    f"{rank}) says float32 {list(shapes[part])}"
+                )
+        scales = None
+    else:
+        # Each factor is a dense integer matrix, stored as an integer layer's would be.
+        decoded = {}
+        for part, (rows, cols) in shapes.items():
+            factor = {"name": f"{name}/{part}", "shape": [rows, cols], "bits": bits}
+            factor.update(nnz=rows * cols, layout="dense", bias=False)
+            try:
+                decoded[part] = _decode_layer(factor, tensors)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"factor {part!r} (rank {rank} in the table): {err}") from None
+        first, second = decoded["first"]["q"], decoded["second"]["q"]
+        scales = (decoded["first"]["scale"], decoded["second"]["scale"])
+        bits = decoded["first"]["bits"]
+    bias = tensors.get(f"packed/{name}/bias")
+    if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
+        raise ValueError("bias does not match the layer table")
+    return PackedLowRank(
+        first, second, bias, bits, scales, conv=entry.get("conv"), act=entry.get("act")
+    )
+
+
+def _base_kind(entry: dict[str, Any]) -> str:
+    """The packed kind of the module an entry replaces: "conv2d" or "linear"."""
+    if entry["kind"] == "lowrank":
+        return "conv2d" if "conv" in entry else "linear"
+    return entry["kind"]
+
+
 def _check_fits(where: Path, name: str, module: nn.Module | None, entry: dict[str, Any]) -> None:
     """Raises unless ``module`` has the kind, layout, shape and geometry ``entry`` came from."""
     reason = None if module is None else unpackable_reason(module)
-    if module is None or reason is not None or packed_kind(module) != entry["kind"]:
+    kind = _base_kind(entry)
+    if module is None or reason is not None or packed_kind(module) != kind:
         found = "nothing" if module is None else type(module).__name__
+        what = f"low-rank {kind}" if entry["kind"] == "lowrank" else kind
         raise ArtifactError(
-            f"{where}: layer {name!r} is a {entry['kind']} in the artifact, {found} in the model"
+            f"{where}: layer {name!r} is a {what} in the artifact, {found} in the model"
             + (f" ({reason})" if reason else "")
         )
     if list(module.weight.shape) != list(entry["weight_shape"]):
@@ -535,7 +742,7 @@ def _check_fits(where: Path, name: str, module: nn.Module | None, entry: dict[st
         )
     if (module.bias is not None) != bool(entry["bias"]):
         raise ArtifactError(f"{where}: layer {name!r}: bias presence differs from the artifact")
-    if entry["kind"] == "conv2d" and conv_params(module) != entry["conv"]:
+    if kind == "conv2d" and conv_params(module) != entry["conv"]:
         raise ArtifactError(
             f"{where}: layer {name!r}: convolution geometry differs from the artifact"
         )
@@ -550,6 +757,12 @@ def _device_of(module: nn.Module) -> torch.device:
 
 @dataclass
 class LayerRow:
+    """One packed layer of a :class:`Report`.
+
+    ``bits`` is 32 for fp32 low-rank factors; ``rank`` is set for low-rank layers only, whose
+    ``fp32_bytes`` are those of the dense fp32 weight (and bias) the factors replace.
+    """
+
     name: str
     kind: str
     layout: str
@@ -558,6 +771,7 @@ class LayerRow:
     bytes: int
     fp32_bytes: int
     type: str = ""
+    rank: int | None = None
 
 
 @dataclass
@@ -585,15 +799,16 @@ class Report:
         types = max([6, *(len(r.type) for r in self.layers)])
         lines = [
             f"{'layer':<{width}} {'module':<{types}} {'kind':<7} {'layout':<7} {'bits':>4} "
-            f"{'sparsity':>9} {'bytes':>10} {'fp32 bytes':>11}"
+            f"{'rank':>5} {'sparsity':>9} {'bytes':>10} {'fp32 bytes':>11}"
         ]
         for r in self.layers:
+            rank = "-" if r.rank is None else str(r.rank)
             lines.append(
                 f"{r.name:<{width}} {r.type:<{types}} {r.kind:<7} {r.layout:<7} {r.bits:>4} "
-                f"{100 * r.sparsity:8.2f}% {r.bytes:>10,} {r.fp32_bytes:>11,}"
+                f"{rank:>5} {100 * r.sparsity:8.2f}% {r.bytes:>10,} {r.fp32_bytes:>11,}"
             )
         other = "other state (fp32 as stored)"
-        lines.append(f"{other:<{width + types + 32}} {self.other_bytes:>10,}")
+        lines.append(f"{other:<{width + types + 38}} {self.other_bytes:>10,}")
         lines += _kept_lines(self.unpacked)
         # A tiny model's file (header, positions, scales) can outweigh its fp32 tensors.
         size = (
@@ -619,7 +834,8 @@ def _kept_lines(unpacked: list[UnpackedLayer] | None) -> list[str]:
 
 
 def report(path: str | os.PathLike) -> Report:
-    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes, and the
+    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes (for a
+    low-rank layer its rank, and the dense fp32 bytes its factors replace), and the
     weight-bearing layers kept fp32 with the reason."""
     art = read(path)
     rows = []
@@ -632,16 +848,24 @@ def report(path: str | os.PathLike) -> Report:
         n, k = entry["shape"]
         dense = n * k * 4 + (n * 4 if entry["bias"] else 0)
         fp32 += dense
+        lowrank = entry["kind"] == "lowrank"
+        if lowrank:
+            bits = 32 if entry["bits"] is None else int(entry["bits"])
+            layout, sparsity, rank = "dense", 0.0, int(entry["rank"])
+        else:
+            bits, layout, rank = int(entry["bits"]), entry["layout"], None
+            sparsity = 1.0 - int(entry["nnz"]) / max(n * k, 1)
         rows.append(
             LayerRow(
                 entry["name"],
                 entry["kind"],
-                entry["layout"],
-                int(entry["bits"]),
-                1.0 - int(entry["nnz"]) / max(n * k, 1),
+                layout,
+                bits,
+                sparsity,
                 nbytes,
                 dense,
                 entry.get("module", ""),
+                rank,
             )
         )
     other = [t for k, t in art.tensors.items() if k.startswith("state/")]

@@ -2,7 +2,8 @@
 
 ``PackedLinear`` replaces ``nn.Linear`` and transformers' ``Conv1D`` (whose canonical ``(out, in)``
 matrix, :mod:`lightning_compress.layout`, is exactly a Linear weight), ``PackedConv2d`` replaces
-``nn.Conv2d``, after :func:`lightning_compress.export.load_into`. Weights are int8 (or row-packed
+``nn.Conv2d``, after :func:`lightning_compress.export.load_into`; ``PackedLowRank`` replaces any of
+them whose weight was stored as two low-rank factors. Weights are int8 (or row-packed
 int4) with one fp32 scale per output channel, stored dense or as compressed rows
 (:mod:`lightning_compress.ops.packed`). Convolutions unfold their input (im2col) and go through the
 same linear kernels. Where the layer was trained with 8-bit activations, its output is
@@ -116,15 +117,142 @@ class PackedConv2d(PackedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
-        b, _, h, w = x4.shape
-        out_h = h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1
-        out_w = w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1
-        out_h, out_w = out_h // self.stride[0] + 1, out_w // self.stride[1] + 1
-        cols = F.unfold(x4.float(), self.kernel_size, self.dilation, self.padding, self.stride)
-        y = self.matmul(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-        y = y.view(b, out_h * out_w, self.out_features).transpose(1, 2)
-        y = y.reshape(b, self.out_features, out_h, out_w).to(x.dtype)
+        rows, (b, out_h, out_w) = _unfold_rows(
+            x4, self.kernel_size, self.stride, self.padding, self.dilation
+        )
+        y = _rows_to_image(self.matmul(rows), b, out_h, out_w).to(x.dtype)
         return y if batched else y.squeeze(0)
+
+
+class PackedLowRank(nn.Module):
+    """Drop-in for ``nn.Linear``, transformers' ``Conv1D`` and a ``groups=1`` ``nn.Conv2d`` whose
+    canonical ``(out, in * kernel)`` weight is stored as two factors, ``W = first @ second``.
+
+    ``y = first (second x) + bias``, one op call per product: fp32 factors through ``F.linear``,
+    or for a Conv2d a convolution with ``rank`` filters of the layer's own geometry and then a
+    1x1 convolution; integer factors (one scale per row) through two dense
+    :class:`PackedWeight`, a Conv2d unfolding its input first as :class:`PackedConv2d` does.
+
+    Args:
+        first: float32 ``(out, rank)``, or its int8 integers when ``bits`` is set.
+        second: float32 ``(rank, in * kernel)``, or its int8 integers.
+        bias: float32 [out] or None.
+        bits: None for fp32 factors, else the integers' container: 8, or 4 (which also holds
+            2- and 3-bit integers).
+        scales: float32 per-row scales of ``first`` [out] and ``second`` [rank]; integer
+            factors only.
+        conv: The Conv2d's geometry (:func:`conv_params`); None for a linear layer.
+        act: Output fake quantization ``{"scale", "zero_point", "bits"}`` or None.
+
+    Raises:
+        ValueError: Factors that do not multiply, a reduction that is not ``in * kh * kw``, or
+            ``scales`` given without ``bits`` (or missing with it).
+    """
+
+    def __init__(
+        self,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int | None = None,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        conv: dict[str, Any] | None = None,
+        act: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if first.dim() != 2 or second.dim() != 2 or first.shape[1] != second.shape[0]:
+            raise ValueError(
+                f"`first` and `second` must be (out, rank) and (rank, in * kernel), got "
+                f"{tuple(first.shape)} and {tuple(second.shape)}"
+            )
+        if (bits is None) != (scales is None):
+            raise ValueError(f"`scales` go with integer factors (`bits` set), got bits={bits!r}")
+        self.out_features, self.rank = first.shape
+        self.in_features = second.shape[1]
+        self.bits = bits
+        self.act = act
+        self.kernel_size = None if conv is None else tuple(conv["kernel_size"])
+        if conv is not None:
+            self.stride = tuple(conv["stride"])
+            self.padding = tuple(conv["padding"])
+            self.dilation = tuple(conv["dilation"])
+            taps = self.kernel_size[0] * self.kernel_size[1]
+            if self.in_features % taps:
+                raise ValueError(
+                    f"`second` has {self.in_features} columns, not a multiple of the kernel's "
+                    f"{taps} taps"
+                )
+        if scales is not None:
+            self.first = PackedWeight(first, scales[0], bias, bits, False, act)
+            self.second = PackedWeight(second, scales[1], None, bits, False)
+            return
+        act = act or {"scale": 0.0, "zero_point": 0, "bits": 8}
+        self._act_args = (float(act["scale"]), int(act["zero_point"]), 2 ** int(act["bits"]) - 1)
+        first, second = first.float().contiguous(), second.float().contiguous()
+        if conv is not None:  # as convolution weights: rank filters, then a 1x1 mix of them
+            second = second.reshape(self.rank, -1, *self.kernel_size)
+            first = first.reshape(self.out_features, self.rank, 1, 1)
+        self.register_buffer("first", first)
+        self.register_buffer("second", second)
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size is not None:
+            return self._conv(x)
+        if self.bits is None:
+            y = F.linear(F.linear(x.float(), self.second), self.first, self.bias)
+            return self._fake_quant(y).to(x.dtype)
+        lead = x.shape[:-1]
+        y = self.first.matmul(self.second.matmul(x.reshape(-1, x.shape[-1]).float()))
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        x4 = x if batched else x.unsqueeze(0)
+        if self.bits is None:
+            mid = F.conv2d(x4.float(), self.second, None, self.stride, self.padding, self.dilation)
+            y = self._fake_quant(F.conv2d(mid, self.first, self.bias))
+        else:
+            rows, (b, out_h, out_w) = _unfold_rows(
+                x4, self.kernel_size, self.stride, self.padding, self.dilation
+            )
+            y = _rows_to_image(self.first.matmul(self.second.matmul(rows)), b, out_h, out_w)
+        y = y.to(x.dtype)
+        return y if batched else y.squeeze(0)
+
+    def _fake_quant(self, y: torch.Tensor) -> torch.Tensor:
+        """The fp32 path's output on the recorded 8-bit grid, as the integer kernels do it."""
+        scale, zero_point, qmax = self._act_args
+        if scale == 0:
+            return y
+        return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, 0, qmax)
+
+    def extra_repr(self) -> str:
+        factors = "fp32" if self.bits is None else f"int{self.bits}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {factors}"
+
+
+def _unfold_rows(
+    x4: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """im2col: one float32 row [in * kh * kw] per output position, and (batch, out_h, out_w)."""
+    b, _, h, w = x4.shape
+    out_h = h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1
+    out_w = w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1
+    out_h, out_w = out_h // stride[0] + 1, out_w // stride[1] + 1
+    cols = F.unfold(x4.float(), kernel_size, dilation, padding, stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (b, out_h, out_w)
+
+
+def _rows_to_image(y: torch.Tensor, b: int, out_h: int, out_w: int) -> torch.Tensor:
+    """The output back as an image: [b * out_h * out_w, C] -> [b, C, out_h, out_w]."""
+    channels = y.shape[1]
+    y = y.view(b, out_h * out_w, channels).transpose(1, 2)
+    return y.reshape(b, channels, out_h, out_w)
 
 
 def conv_params(conv: nn.Conv2d) -> dict[str, Any]:
