@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_compress.zoo import ClassificationModule
 
 # Config groups whose selected option is one callback (added by the compression issues).
-CALLBACK_GROUPS = ("prune", "rewind", "qat", "distill")
+CALLBACK_GROUPS = ("prune", "rewind", "qat", "distill", "lowrank")
 
 
 # Trainer arguments that Lightning only asserts on; checked here for a readable message.
