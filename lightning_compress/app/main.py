@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
 from lightning_compress.app.build import Job, build_job
-from lightning_compress.callbacks import QATCallback
+from lightning_compress.callbacks import LowRankCallback, QATCallback
 from lightning_compress.export import compare_packed, pack
 from lightning_compress.targets import default_weights
 
@@ -108,6 +108,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "global_step": trainer.global_step,
         # Iterative schedules: sparsity and monitored metric at the end of every round.
         "rounds": [r for c in job.callbacks for r in getattr(c, "rounds", [])],
+        # Per factored weight: rank, full rank, parameters at that rank and dense.
+        "lowrank": [
+            r for c in job.callbacks if isinstance(c, LowRankCallback) for r in c.layer_stats()
+        ],
     }
     export = cfg.get("export") or {}
     if export.get("pack", False) and trainer.is_global_zero:
@@ -123,8 +127,20 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     """Packs the trained network, reloads it into a copy with the compiled kernels, evaluates the
     copy on the test split and times it against the network with its fp32 weights."""
     qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.record), None)
+    lowrank = next(
+        (c for c in job.callbacks if isinstance(c, LowRankCallback) and c.constrained()), None
+    )
     net = job.module.net
-    path = pack(net, output_dir / ARTIFACT_NAME, qat=qat, bits=export.get("bits", 8))
+    bits = export.get("bits", 8)
+    path = pack(
+        net,
+        output_dir / ARTIFACT_NAME,
+        qat=qat,
+        bits=bits,
+        # Without QAT the factors take the post-training bits like every other packed layer;
+        # after QAT each takes its layer's QAT bits (fp32 where QAT left the layer alone).
+        lowrank=lowrank.to_record(None if qat is not None else bits) if lowrank else None,
+    )
     if qat is not None:
         qat.remove()  # the float network is the latency baseline; `installed()` scores as trained
     measured = compare_packed(
@@ -138,7 +154,7 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "quantization": "qat" if qat is not None else f"post-training int{export.get('bits', 8)}",
+        "quantization": "qat" if qat is not None else f"post-training int{bits}",
         "test_acc": measured.packed_acc,
         # The same test split through the unpacked network: fake-quantized after QAT, else fp32.
         "reference_acc": measured.reference_acc,
@@ -155,11 +171,24 @@ def summary(record: dict[str, Any], output_dir: Path) -> str:
         f"parameters     {params['nonzero']:,} non-zero of {params['total']:,}",
         f"weight sparsity {100 * record['sparsity']:.2f}% of Linear/Conv weights are zero",
         f"model file     {record['model_bytes']:,} bytes (safetensors)",
+        *_lowrank_lines(record),
         *_packed_lines(record),
         f"wall time      {record['wall_time_s']:.1f} s, {record['global_step']} optimizer steps",
         f"record         {output_dir / 'results.json'}",
     ]
     return "\n".join(lines)
+
+
+def _lowrank_lines(record: dict[str, Any]) -> list[str]:
+    rows = record.get("lowrank")
+    if not rows:
+        return []
+    params, dense = sum(r["params"] for r in rows), sum(r["dense"] for r in rows)
+    ranks = ", ".join(f"{r['layer']} {r['rank']}/{r['full_rank']}" for r in rows)
+    return [
+        f"low rank       {params:,} of {dense:,} parameters in factors ({dense / params:.1f}x): "
+        f"rank {ranks}"
+    ]
 
 
 def _packed_lines(record: dict[str, Any]) -> list[str]:
