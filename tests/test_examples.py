@@ -14,6 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("script", "args", "expect"),
     [
         ("prune_existing_trainer.py", [], "% of weights zero"),
+        ("lowrank_existing_trainer.py", [], "projected: test accuracy"),
         ("lottery_ticket.py", ["--rounds", "2"], "weights: test accuracy"),
         ("lottery_ticket.py", ["--rounds", "2", "--mode", "reinit"], "reinit: test accuracy"),
         ("prune_and_quantize.py", [], "pruned + int8: test accuracy"),
