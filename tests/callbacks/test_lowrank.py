@@ -286,6 +286,7 @@ def test_events_are_logged_with_spectra_under_wandb(tmp_path, monkeypatch):
     logger, logged = offline_wandb(tmp_path, monkeypatch)
     lowrank = LowRankCallback(rank=2, schedule="oneshot", start=0, include="fc2")
     make_trainer(tmp_path, [lowrank], max_epochs=1, logger=logger).fit(TinyMLP())
+    logger.experiment.finish()  # the next test's logger starts its own run
     keys = {k for payload in logged for k in payload}
     assert "lowrank/spectrum/fc2.weight" in keys
     assert {"lowrank/rank/fc2.weight", "lowrank/energy/fc2.weight", "lowrank/params"} <= keys
