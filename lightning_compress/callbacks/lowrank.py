@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning_compress.lowrank.config import LowRankConfig
 from lightning_compress.lowrank.factored import FactoredLayer, factoring_refusal
 from lightning_compress.lowrank.factors import (
     full_rank,
+    kept_energy,
     lowrank_record,
     orthonormal,
     randomized_truncate,
@@ -25,7 +27,12 @@ from lightning_compress.lowrank.factors import (
     svd,
     truncate,
 )
-from lightning_compress.lowrank.plan import RankPlan, build_rank_plan, target_ranks
+from lightning_compress.lowrank.plan import (
+    RankPlan,
+    build_rank_plan,
+    factored_params,
+    target_ranks,
+)
 from lightning_compress.pruning.events import PruneEventSource, Rewinder
 from lightning_compress.quantization.record import CompressionRecord, RecordSource
 from lightning_compress.targets import log_targeting, resolve_targets
@@ -132,6 +139,7 @@ class LowRankCallback(ConfiguredCallback):
         self._last_event = -1
         self._loaded: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
+        self._owned: dict[int, set[int]] = {}  # optimizer id -> ids of the parameters it trains
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -179,6 +187,7 @@ class LowRankCallback(ConfiguredCallback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        self._owned.clear()
         for layer in self.factored.values():
             # After fit the module is the plain layer again, computing the rank-r weight.
             layer.write_back()
@@ -307,8 +316,11 @@ class LowRankCallback(ConfiguredCallback):
             param.data.copy_(self.layouts[name].from_matrix(matrix, param.shape))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Only the layers this optimizer trains (read now: events move factors into it).
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # Only the layers this optimizer trains (recomputed after factors move into it).
+        owned = self._owned.get(id(optimizer))
+        if owned is None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._owned[id(optimizer)] = owned
         assert self._model is not None
         for name, basis in self.bases.items():
             if id(self._model.get_parameter(name)) in owned:
@@ -348,14 +360,14 @@ class LowRankCallback(ConfiguredCallback):
             planned = self.plan.rank_at(name, step, factors[1])
             rank = min(self.ranks[name], planned)  # a rank never grows back
             cut = truncate(matrix, rank, factors)
-        total = float(matrix.double().square().sum()) or 1.0
+        total = float(matrix.double().square().sum())
         return {
             "rank": rank,
             "first": cut.first.cpu(),
             "second": cut.second.cpu(),
             "basis": cut.basis.cpu(),
             "singular": cut.singular.cpu(),
-            "energy": float(cut.singular[:rank].double().square().sum()) / total,
+            "energy": kept_energy(cut.singular, rank, total),
         }
 
     def _apply(self, trainer: pl.Trainer, name: str, d: dict[str, Any]) -> None:
@@ -387,6 +399,7 @@ class LowRankCallback(ConfiguredCallback):
         module = self._model.get_submodule(owner) if owner else self._model
         layer = FactoredLayer(module, self.layouts[name], first, second)
         layer.swap_into(trainer.optimizers)
+        self._owned.clear()
         layer.install()
         layer.write_back()
         self.factored[name] = layer
@@ -396,6 +409,7 @@ class LowRankCallback(ConfiguredCallback):
             for layer in self.factored.values():  # a second fit of the same callback
                 layer.swap_into(trainer.optimizers)
                 layer.install()
+            self._owned.clear()
             return
         state, self._loaded = self._loaded, None
         method = state.get("method", "projected")
@@ -432,7 +446,7 @@ class LowRankCallback(ConfiguredCallback):
     ) -> None:
         """Raises unless the checkpoint's factors fit ``name``'s weight in this model."""
         shape = self.shapes[name]
-        out, reduction = shape[0], int(torch.Size(shape[1:]).numel())
+        out, reduction = shape[0], math.prod(shape[1:])
         if rank < 1 or rank > full_rank(shape):
             raise ValueError(f"the checkpoint's rank {rank} for {name!r} does not fit {shape}")
         if rank == full_rank(shape):
@@ -466,21 +480,18 @@ class LowRankCallback(ConfiguredCallback):
 
     def layer_stats(self) -> list[dict[str, Any]]:
         """Per target: ``layer``, ``shape``, ``rank``, ``full_rank``, ``params``, ``dense``."""
-        assert self.plan is not None or self.shapes
         rows = []
         for name in self.targets:
             shape = self.shapes[name]
-            out, reduction = shape[0], int(torch.Size(shape[1:]).numel())
             rank = self.ranks[name]
-            dense = out * reduction
             rows.append(
                 {
                     "layer": name,
                     "shape": list(shape),
                     "rank": rank,
                     "full_rank": full_rank(shape),
-                    "params": min(rank * (out + reduction), dense),
-                    "dense": dense,
+                    "params": factored_params(shape, rank),
+                    "dense": math.prod(shape),
                 }
             )
         return rows

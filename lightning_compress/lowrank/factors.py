@@ -36,10 +36,17 @@ def full_rank(shape: tuple[int, ...]) -> int:
     return min(shape[0], reduction)
 
 
-def kept_energy(singular: torch.Tensor, rank: int) -> float:
-    """The share of the squared Frobenius norm the ``rank`` largest singular values hold."""
+def kept_energy(singular: torch.Tensor, rank: int, total: float | None = None) -> float:
+    """The share of the squared Frobenius norm the ``rank`` largest singular values hold.
+
+    Args:
+        singular: Singular values, descending (the largest ones at least).
+        rank: How many are kept.
+        total: The squared Frobenius norm, when ``singular`` holds only the largest values (a
+            randomized SVD); by default the sum of their squares.
+    """
     squares = singular.double() ** 2
-    total = float(squares.sum())
+    total = float(squares.sum()) if total is None else total
     return 1.0 if total == 0.0 else float(squares[:rank].sum()) / total
 
 
@@ -77,7 +84,7 @@ class Truncation:
 
 
 def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float32 (float64 for tiny matrices is not needed: float32 is exact enough)."""
+    """The thin SVD ``(U, S, Vh)`` of ``matrix``, in float32."""
     return torch.linalg.svd(matrix.detach().float(), full_matrices=False)
 
 

@@ -53,8 +53,8 @@ class LayerRank:
         return math.prod(self.shape[1:])
 
     def params(self, rank: int) -> int:
-        """Parameters of the layer at ``rank``: r (m + n), or m n when that is smaller."""
-        return min(rank * (self.out + self.reduction), self.out * self.reduction)
+        """Parameters of the layer at ``rank`` (:func:`factored_params`)."""
+        return factored_params(self.shape, rank)
 
 
 @dataclass
@@ -103,8 +103,11 @@ class RankPlan:
             return layer.full
         return min(layer.full, rank_for_energy(singular, 1.0 - removed))
 
-    def needs_spectrum(self) -> bool:
-        return self.energy is not None
+
+def factored_params(shape: tuple[int, ...], rank: int) -> int:
+    """Parameters of a weight of canonical ``shape`` at ``rank``: r (m + n), or m n if smaller."""
+    out, reduction = shape[0], math.prod(shape[1:])
+    return min(rank * (out + reduction), out * reduction)
 
 
 def rank_for_params(shape: tuple[int, ...], share: float) -> int:
