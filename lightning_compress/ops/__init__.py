@@ -6,12 +6,15 @@ from lightning_compress.ops._library import (
     fallback_reason,
 )
 from lightning_compress.ops.bitmask import pack_bits, unpack_bits
+from lightning_compress.ops.dyn_linear import bitmask_dyn_linear, block_dyn_linear
 from lightning_compress.ops.fake_quant import fake_quant_rows
 from lightning_compress.ops.flips import flip_count_, masked_noise_
 from lightning_compress.ops.packed import hugepage_copy, int_linear, sparse_int_linear
 
 __all__ = [
     "CompiledOpsUnavailableWarning",
+    "bitmask_dyn_linear",
+    "block_dyn_linear",
     "compiled_available",
     "fake_quant_rows",
     "fallback_reason",

@@ -42,6 +42,16 @@ SCHEMAS: tuple[str, ...] = (
         "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor"
     ),
     "hugepage_copy(Tensor t) -> Tensor",
+    (
+        "bitmask_dyn_linear(Tensor x, Tensor row_ptr, Tensor mask, Tensor values, Tensor row_sum, "
+        "Tensor scale, Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
+        "int act_qmax=255) -> Tensor"
+    ),
+    (
+        "block_dyn_linear(Tensor x, Tensor row_ptr, Tensor group, Tensor values, Tensor row_sum, "
+        "Tensor scale, Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "
+        "int act_qmax=255) -> Tensor"
+    ),
 )
 OPS: dict[str, str] = {schema.split("(", 1)[0]: schema for schema in SCHEMAS}
 

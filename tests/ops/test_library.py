@@ -14,6 +14,7 @@ import lightning_compress
 from lightning_compress import ops
 from lightning_compress.ops._library import OPS, SCHEMAS
 from lightning_compress.ops.bitmask import pack_bits_reference
+from lightning_compress.ops.dyn_linear import bitmask_layout, block_layout
 from lightning_compress.ops.packed import pack_rows_int4, sparse_layout
 
 PACKAGE = Path(lightning_compress.__file__).parent
@@ -47,6 +48,8 @@ def samples() -> dict[str, tuple]:
         "sparse_int_linear": (x, *sparse_layout(q), scale, bias, 11),
         "int_linear": (x, pack_rows_int4(q), scale, None, 4),
         "hugepage_copy": (torch.randn(4, 5, generator=g).t(),),
+        "bitmask_dyn_linear": (x, *bitmask_layout(q), scale, bias, 11),
+        "block_dyn_linear": (x, *block_layout(q), scale, None, 11, 0.05, 3, 255),
     }
 
 
@@ -201,6 +204,22 @@ def _meta(*args):
             lambda: _meta(*samples()["int_linear"][:4], 8),
             ValueError,
             "8-bit `qweight`",
+        ),
+        (
+            "bitmask_dyn_linear",
+            lambda: _meta(torch.ones(1, 4), *samples()["bitmask_dyn_linear"][1:]),
+            ValueError,
+            "features",
+        ),
+        (
+            "block_dyn_linear",
+            lambda: _meta(
+                *samples()["block_dyn_linear"][:4],
+                torch.ones(6),
+                *samples()["block_dyn_linear"][5:],
+            ),
+            ValueError,
+            "`row_sum` must be",
         ),
     ],
 )
