@@ -63,11 +63,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lightning_compress.export import positions
+from lightning_compress.export.latency import LatencyTable, choose, default_path
 from lightning_compress.export.modules import (
     PackedConv2d,
     PackedLinear,
     PackedLowRank,
     conv_params,
+    implementations,
     packed_kind,
     unpackable_reason,
 )
@@ -588,18 +590,50 @@ def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
     return {"q": q, "scale": scale, "bias": bias, "bits": container, "sparse": sparse}
 
 
-def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_into(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    example: Any = None,
+    exact: bool = False,
+    latency: LatencyTable | None = None,
+) -> nn.Module:
     """Swaps ``model``'s packed layers for inference modules and loads every weight.
 
     The model must have the architecture that was packed. Everything is read, verified and
     decoded before the model is touched: on any error it is left exactly as it was.
 
+    Args:
+        model: The network the artifact was packed from (its architecture).
+        path: The artifact.
+        batch_size: The batch the model will serve. Given, each packed layer gets the
+            implementation measured fastest on this machine for its shape, sparsity and that
+            batch (:mod:`lightning_compress.export.latency`): one whose fp32 product is fastest
+            computes in fp32 from its dequantized weight, the artifact being the same. None:
+            every layer runs the compiled kernels with fp32 activations.
+        example: An input of ``model`` (a tensor, a tuple of positional arguments or a dict of
+            keyword arguments), run once in eval mode to learn each packed layer's input shape
+            (sequence lengths, image sizes); the first dimension is taken as the batch. Needed
+            for convolutions; without it a linear layer's input is ``[batch_size, in]``.
+        exact: Only implementations that compute what was trained (fp32 activations);
+            otherwise layers may also quantize their activations to 8 bits per row, as torch's
+            and ONNX Runtime's dynamic int8 do, where that is faster.
+        latency: The table of measurements to use and extend; default: the on-disk cache
+            (:func:`~lightning_compress.export.latency.default_path`).
+
     Returns:
-        ``model`` itself, now running the compiled kernels.
+        ``model`` itself, now running the compiled kernels. With ``batch_size``, each packed
+        layer's ``impl`` names its implementation and ``latency_ms`` the milliseconds measured
+        for each candidate.
 
     Raises:
         ArtifactError: A bad file, or a model whose layers or state do not match it.
+        ValueError: ``batch_size`` below 1; a convolution to time without ``example``; an
+            ``example`` the model cannot run.
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
     art = read(path)
     where = art.path
     modules = dict(model.named_modules())
@@ -634,6 +668,15 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{where}: {key!r} is {state[key].dtype} {list(state[key].shape)} in the model, "
                 f"{value.dtype} {list(value.shape)} in the artifact"
             )
+    if batch_size is not None:
+        shapes = _input_shapes(model, example, [e["name"] for e in art.layers], batch_size)
+        table = latency if latency is not None else LatencyTable(default_path())
+        for entry in art.layers:
+            if entry["kind"] != "lowrank":
+                name = entry["name"]
+                replacements[name] = _fastest(
+                    entry, art.tensors, modules[name], shapes.get(name), batch_size, exact, table
+                )
     # Verified: from here on nothing can fail.
     with torch.no_grad():
         for key, value in stored.items():
@@ -644,8 +687,84 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _input_shapes(
+    model: nn.Module, example: Any, names: list[str], batch_size: int
+) -> dict[str, tuple[int, ...]]:
+    """Each named layer's input shape in one eval-mode forward of ``example`` (batch dimension
+    set to ``batch_size``); empty without an example."""
+    if example is None:
+        return {}
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            shapes.setdefault(name, (batch_size, *args[0].shape[1:]))
+
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names if n in modules]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, dict):
+                model(**example)
+            elif isinstance(example, tuple | list):
+                model(*example)
+            else:
+                model(example)
+    except Exception as err:
+        raise ValueError(f"`example` does not run through the model: {err}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def _fastest(
+    entry: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    module: nn.Module,
+    shape: tuple[int, ...] | None,
+    batch_size: int,
+    exact: bool,
+    table: LatencyTable,
+) -> nn.Module:
+    """The inference module of ``entry`` in the implementation measured fastest on ``shape``."""
+    name, kind = entry["name"], entry["kind"]
+    n, k = (int(v) for v in entry["shape"])
+    if shape is None:
+        if kind == "conv2d":
+            raise ValueError(
+                f"layer {name!r} is a convolution: pass `example` (an input of the model) so "
+                "that its input size is known"
+            )
+        shape = (batch_size, k)
+    density = int(entry["nnz"]) / max(n * k, 1)
+    layer = (
+        f"{kind}|{n}x{k}|int{entry['bits']}|density={density:.2f}"
+        f"|act={entry.get('act') is not None}|conv={entry.get('conv')}|input={list(shape)}"
+    )
+
+    def build(impl: str) -> Callable[[], nn.Module]:
+        return lambda: _packed_module(entry, tensors, module, impl).eval()
+
+    candidates = {impl: build(impl) for impl in implementations(k, exact)}
+    best, times = choose(table, layer, candidates, lambda: torch.randn(*shape))
+    new = build(best)()
+    new.train(module.training)
+    new.latency_ms = times
+    return new
+
+
 def _packed_module(
-    entry: dict[str, Any], tensors: dict[str, torch.Tensor], module: nn.Module
+    entry: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    module: nn.Module,
+    impl: str = "kernel",
 ) -> nn.Module:
     """The inference module of one layer table entry (validated against ``module``'s shape)."""
     if entry["kind"] == "lowrank":
@@ -661,6 +780,7 @@ def _packed_module(
         parts["bits"],
         parts["sparse"],
         entry.get("act"),
+        impl=impl,
         **extra,
     )
 

@@ -15,6 +15,7 @@ fake-quantized model computed.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_compress.layout import layout_of
+from lightning_compress.ops.dyn_linear import (
+    MAX_IN_FEATURES,
+    bitmask_dyn_linear,
+    bitmask_layout,
+    block_dyn_linear,
+    block_layout,
+)
 from lightning_compress.ops.packed import (
     check_sparse_layout,
     hugepage_copy,
@@ -30,6 +38,28 @@ from lightning_compress.ops.packed import (
     sparse_int_linear,
     sparse_layout,
 )
+
+# How a PackedWeight computes its product (:attr:`PackedWeight.impl`):
+#   kernel    fp32 activations against the stored integers: dense int8/int4 or compressed rows
+#   fp32      the dequantized weight through F.linear / F.conv2d (what the fp32 model runs)
+#   bitmask   ops.dyn_linear's bitmask layout, activations quantized per row (batch 1 to ~8)
+#   block     ops.dyn_linear's block layout, activations quantized per row (batches)
+#   qdynamic  torch's prepacked int8 dynamic linear (fbgemm/oneDNN), as quantize_dynamic runs it
+# The first two compute what was trained; the others round the activations to 8 bits per row.
+IMPLEMENTATIONS = ("kernel", "fp32", "bitmask", "block", "qdynamic")
+EXACT_IMPLEMENTATIONS = ("kernel", "fp32")
+
+
+def implementations(in_features: int, exact: bool = False) -> tuple[str, ...]:
+    """The implementations a layer with ``in_features`` inputs can use on this build."""
+    if exact:
+        return EXACT_IMPLEMENTATIONS
+    out = list(EXACT_IMPLEMENTATIONS)
+    if in_features <= MAX_IN_FEATURES:
+        out += ["bitmask", "block"]
+    if torch.backends.quantized.engine not in ("none", "qnnpack"):
+        out.append("qdynamic")
+    return tuple(out)
 
 
 class PackedWeight(nn.Module):
@@ -42,6 +72,11 @@ class PackedWeight(nn.Module):
         bits: The container: 8, or 4 (which also holds 2- and 3-bit integers).
         sparse: Keep compressed rows of the non-zeros (int8 values) instead of the dense matrix.
         act: Output fake quantization ``{"scale", "zero_point", "bits"}`` or None.
+        impl: How the product is computed (:data:`IMPLEMENTATIONS`); "kernel" by default.
+            ``load_into(..., batch_size=...)`` picks the fastest one measured on this machine.
+
+    Raises:
+        ValueError: An unknown ``impl``, or one the layer cannot use (:func:`implementations`).
     """
 
     def __init__(
@@ -52,17 +87,26 @@ class PackedWeight(nn.Module):
         bits: int,
         sparse: bool,
         act: dict[str, Any] | None = None,
+        impl: str = "kernel",
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
+        if impl not in implementations(self.in_features):
+            raise ValueError(
+                f"`impl` must be one of {implementations(self.in_features)} for a layer with "
+                f"{self.in_features} inputs, got {impl!r}"
+            )
         self.bits = bits
         self.sparse = sparse
+        self.impl = impl
         self.act = act
         act = act or {"scale": 0.0, "zero_point": 0, "bits": 8}
         self._act_args = (float(act["scale"]), int(act["zero_point"]), 2 ** int(act["bits"]) - 1)
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
-        if sparse:
+        if impl != "kernel":
+            self._build(impl, q)
+        elif sparse:
             row_ptr, col, values = sparse_layout(q)
             check_sparse_layout(row_ptr, col, values, (self.out_features, self.in_features))
             self.register_buffer("row_ptr", row_ptr)
@@ -71,9 +115,44 @@ class PackedWeight(nn.Module):
         else:
             self.register_buffer("qweight", hugepage_copy(q if bits == 8 else pack_rows_int4(q)))
 
+    def _build(self, impl: str, q: torch.Tensor) -> None:
+        """The buffers of an implementation other than "kernel"."""
+        if impl == "fp32":
+            self.register_buffer("weight", q.float() * self.scale[:, None])
+        elif impl in ("bitmask", "block"):
+            layout = (bitmask_layout if impl == "bitmask" else block_layout)(q)
+            names = ("row_ptr", impl_tensor(impl), "values", "row_sum")
+            for name, t in zip(names, layout, strict=True):
+                self.register_buffer(name, hugepage_copy(t) if name == "values" else t)
+        else:  # qdynamic
+            zeros = torch.zeros(self.out_features, dtype=torch.int64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized tensors are deprecated, the op is not
+                wq = torch._make_per_channel_quantized_tensor(q, self.scale.double(), zeros, 0)
+                self._prepacked = torch.ops.quantized.linear_prepack(wq, self.bias)
+
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d`` [B, K] float32 -> [B, N] float32 (output fake-quantized where trained so)."""
         act_args = self._act_args
+        impl = self.impl
+        if impl != "kernel":
+            if impl == "fp32":
+                return _fake_quant(F.linear(x2d, self.weight, self.bias), act_args)
+            if impl == "qdynamic":
+                y = torch.ops.quantized.linear_dynamic(x2d, self._prepacked, True)
+                return _fake_quant(y, act_args)
+            op = bitmask_dyn_linear if impl == "bitmask" else block_dyn_linear
+            return op(
+                x2d,
+                self.row_ptr,
+                getattr(self, impl_tensor(impl)),
+                self.values,
+                self.row_sum,
+                self.scale,
+                self.bias,
+                self.in_features,
+                *act_args,
+            )
         if self.sparse:
             return sparse_int_linear(
                 x2d,
@@ -89,7 +168,20 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         layout = "sparse" if self.sparse else "dense"
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {layout}"
+        impl = "" if self.impl == "kernel" else f", impl={self.impl}"
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {layout}{impl}"
+
+
+def impl_tensor(impl: str) -> str:
+    """The name of the buffer that holds the positions of a dynamic implementation's layout."""
+    return "mask" if impl == "bitmask" else "group"
+
+
+def _fake_quant(y: torch.Tensor, act_args: tuple[float, int, int]) -> torch.Tensor:
+    scale, zero_point, qmax = act_args
+    if scale == 0:
+        return y
+    return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, 0, qmax)
 
 
 class PackedLinear(PackedWeight):
@@ -117,6 +209,11 @@ class PackedConv2d(PackedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == 4
         x4 = x if batched else x.unsqueeze(0)
+        if self.impl == "fp32":
+            weight = self.weight.view(self.out_features, -1, *self.kernel_size)
+            y = F.conv2d(x4.float(), weight, self.bias, self.stride, self.padding, self.dilation)
+            y = _fake_quant(y, self._act_args).to(x.dtype)
+            return y if batched else y.squeeze(0)
         rows, (b, out_h, out_w) = _unfold_rows(
             x4, self.kernel_size, self.stride, self.padding, self.dilation
         )
