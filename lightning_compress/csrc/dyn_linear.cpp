@@ -136,40 +136,43 @@ void bitmask_row_portable(const uint64_t* mask, int64_t words, const int8_t* val
 }
 
 #ifdef LC_X86
-// Two words per step, each with its own accumulators: vpdpbusd's latency would otherwise
+// Four words per step, each with its own accumulators: vpdpbusd's latency would otherwise
 // serialise a batch row's chain.
 template <int NB>
 LC_VNNI void bitmask_row_vnni(const uint64_t* mask, int64_t words, const int8_t* val,
                               const uint8_t* q, int64_t ld, int32_t* dot) {
-  __m512i acc[2][NB];
-  for (int b = 0; b < NB; ++b) acc[0][b] = acc[1][b] = _mm512_setzero_si512();
+  constexpr int kU = 4;
+  __m512i acc[kU][NB];
+  for (int u = 0; u < kU; ++u) {
+    for (int b = 0; b < NB; ++b) acc[u][b] = _mm512_setzero_si512();
+  }
   int64_t w = 0;
-  for (; w + 2 <= words; w += 2) {
-    const uint64_t bits0 = mask[w], bits1 = mask[w + 1];
-    const unsigned c0 = static_cast<unsigned>(_mm_popcnt_u64(bits0));
-    const unsigned c1 = static_cast<unsigned>(_mm_popcnt_u64(bits1));
-    const __m512i v0 =
-        _mm512_maskz_expand_epi8(bits0, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, c0), val));
-    const __m512i v1 =
-        _mm512_maskz_expand_epi8(bits1, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, c1), val + c0));
-    val += c0 + c1;
+  for (; w + kU <= words; w += kU) {
+    __m512i v[kU];
+    for (int u = 0; u < kU; ++u) {
+      const uint64_t bits = mask[w + u];
+      v[u] = _mm512_maskz_expandloadu_epi8(bits, val);
+      val += _mm_popcnt_u64(bits);
+    }
     for (int b = 0; b < NB; ++b) {
       const uint8_t* qb = q + b * ld + w * kWord;
-      acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], _mm512_loadu_si512(qb), v0);
-      acc[1][b] = _mm512_dpbusd_epi32(acc[1][b], _mm512_loadu_si512(qb + kWord), v1);
+      for (int u = 0; u < kU; ++u) {
+        acc[u][b] = _mm512_dpbusd_epi32(acc[u][b], _mm512_loadu_si512(qb + u * kWord), v[u]);
+      }
     }
   }
-  if (w < words) {
+  for (; w < words; ++w) {
     const uint64_t bits = mask[w];
-    const unsigned count = static_cast<unsigned>(_mm_popcnt_u64(bits));
-    const __m512i v =
-        _mm512_maskz_expand_epi8(bits, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, count), val));
+    const __m512i v = _mm512_maskz_expandloadu_epi8(bits, val);
+    val += _mm_popcnt_u64(bits);
     for (int b = 0; b < NB; ++b) {
       acc[0][b] = _mm512_dpbusd_epi32(acc[0][b], _mm512_loadu_si512(q + b * ld + w * kWord), v);
     }
   }
   for (int b = 0; b < NB; ++b) {
-    dot[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[0][b], acc[1][b]));
+    __m512i sum = acc[0][b];
+    for (int u = 1; u < kU; ++u) sum = _mm512_add_epi32(sum, acc[u][b]);
+    dot[b] = _mm512_reduce_add_epi32(sum);
   }
 }
 
