@@ -9,6 +9,8 @@ For each shape (in_features x out_features) and batch size, in one process and i
 - ``csr<p>``    torch's CSR matmul (int32 indices, fp32 values) at sparsity p
 - ``int8``      ours, dense int8 weights
 - ``sparse<p>`` ours, compressed rows of int8 at sparsity p (50/75/90/95%)
+- ``bitmask<p>``, ``block<p>`` ours, int8 x int8 with activations quantized per row
+  (:mod:`lightning_compress.ops.dyn_linear`): a bitmask plus values, or groups of 4 columns
 
 Ours hold their weights as the packed inference modules do: copies of 2 MiB and more in
 transparent huge pages (``hugepage_copy``); torch's methods use torch's allocator.
@@ -40,6 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_compress.ops import compiled_available
+from lightning_compress.ops.dyn_linear import (
+    bitmask_dyn_linear,
+    bitmask_layout,
+    block_dyn_linear,
+    block_layout,
+)
 from lightning_compress.ops.packed import (
     hugepage_copy,
     int_linear,
@@ -133,6 +141,17 @@ def build_methods(k: int, n: int, budget: int, gen: torch.Generator) -> dict[str
             nbytes,
             lambda lay, x, xb: sparse_int_linear(x, *lay, scale, bias, k),
         )
+        for name, build, op in (
+            ("bitmask", bitmask_layout, bitmask_dyn_linear),
+            ("block", block_layout, block_dyn_linear),
+        ):
+            lay = build(qs)
+            add(
+                f"{name}{int(p * 100)}",
+                lambda lay=lay: tuple(hugepage_copy(t) for t in lay),
+                sum(t.numel() * t.element_size() for t in lay[1:3]),
+                lambda lay, x, xb, op=op: op(x, *lay, scale, bias, k),
+            )
         csr = (qs.float() * scale[:, None]).to_sparse_csr()
         csr = torch.sparse_csr_tensor(
             csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape
