@@ -45,6 +45,7 @@ releases refuse by its version (asking for an upgrade) rather than as a corrupte
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -755,9 +756,24 @@ def _fastest(
     candidates = {impl: build(impl) for impl in implementations(k, exact)}
     best, times = choose(table, layer, candidates, lambda: torch.randn(*shape))
     new = build(best)()
+    if best == "fp32" and entry.get("act") is None:
+        new = _float_module(module, new)
     new.train(module.training)
+    new.impl = best
     new.latency_ms = times
     return new
+
+
+def _float_module(module: nn.Module, packed: nn.Module) -> nn.Module:
+    """A copy of ``module`` holding ``packed``'s dequantized weight: the layer fp32 runs fastest
+    as itself, without a packed module's call in between."""
+    plain = copy.deepcopy(module)
+    layout = _layout(module)
+    with torch.no_grad():
+        plain.weight = nn.Parameter(layout.from_matrix(packed.weight, module.weight.shape))
+        if module.bias is not None:
+            plain.bias = nn.Parameter(packed.bias.clone())
+    return plain
 
 
 def _packed_module(
