@@ -63,7 +63,8 @@ def plan_layers(model: nn.Module, exclude: list[str] | None = None) -> LayerPlan
     parameter named ``weight`` or ``*_weight`` of at least 2 dims. Kept fp32, in this order of
     precedence: the model itself (only submodules can be swapped), names matching an
     ``exclude`` pattern, nn.MultiheadAttention and the layers inside it (its forward reads
-    their weights without calling them), layers without a packed kernel
+    their weights without calling them), the feed-forward layers of an nn.TransformerEncoderLayer
+    (whose fused inference path does the same), layers without a packed kernel
     (:func:`~lightning_compress.export.modules.unpackable_reason`: grouped convolutions,
     Conv1d, embeddings, ...) and layers whose weight is tied to another parameter.
 
@@ -82,6 +83,12 @@ def plan_layers(model: nn.Module, exclude: list[str] | None = None) -> LayerPlan
             for child, _ in module.named_modules(remove_duplicate=False):
                 if child:
                     attention[f"{name}.{child}" if name else child] = "inside nn.MultiheadAttention"
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            # Its fused inference path (eval, no grad) passes linear1/linear2's weights to one op.
+            for child in ("linear1", "linear2"):
+                attention[f"{name}.{child}" if name else child] = (
+                    "inside nn.TransformerEncoderLayer"
+                )
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)

@@ -1,7 +1,7 @@
 """Example models and offline datamodules."""
 
 from lightning_compress.zoo.data import Digits, MNIST5k, MNISTIdx
-from lightning_compress.zoo.models import BNConvNet, LeNet5, LeNet300100
+from lightning_compress.zoo.models import BNConvNet, LeNet5, LeNet300100, ResNet18, TinyEncoder
 from lightning_compress.zoo.module import ClassificationModule
 
 __all__ = [
@@ -12,4 +12,6 @@ __all__ = [
     "LeNet300100",
     "MNIST5k",
     "MNISTIdx",
+    "ResNet18",
+    "TinyEncoder",
 ]

@@ -99,3 +99,107 @@ class BNConvNet(nn.Module):
         x = torch.relu(self.bn2(self.conv2(x)))
         x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` architecture (layers [2, 2, 2, 2]) at base width ``width``,
+    written out so that nothing depends on torchvision."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(width, 2)
+        self.layer2 = self._make_layer(width * 2, 2, stride=2)
+        self.layer3 = self._make_layer(width * 4, 2, stride=2)
+        self.layer4 = self._make_layer(width * 8, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm self-attention and a GELU feed-forward, the feed-forward as two nn.Linear."""
+
+    def __init__(self, hidden: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.ffn1 = nn.Linear(hidden, ffn)
+        self.ffn2 = nn.Linear(ffn, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.ffn2(nn.functional.gelu(self.ffn1(x))))
+
+
+class TinyEncoder(nn.Module):
+    """A BERT-like encoder classifier: token and learned position embeddings, ``layers``
+    :class:`EncoderBlock`, mean pooling, a linear head. ``forward(ids)`` takes int64 token ids
+    ``[batch, seq_len]``."""
+
+    def __init__(
+        self,
+        vocab: int = 1000,
+        seq_len: int = 32,
+        hidden: int = 128,
+        heads: int = 4,
+        ffn: int = 512,
+        layers: int = 2,
+        classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.position = nn.Parameter(torch.randn(seq_len, hidden) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(hidden, heads, ffn) for _ in range(layers))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=1))

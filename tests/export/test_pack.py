@@ -432,3 +432,18 @@ def test_artifacts_load_and_run_without_the_compiled_ops(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("diff")[1]) < 0.05  # int8 weights, close to fp32
+
+
+def test_transformer_encoder_layer_feed_forward_stays_fp32(tmp_path):
+    # Its fused inference path passes linear1/linear2's weights to one op, never calling them.
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 4)
+    ).eval()
+    path = pack(model, tmp_path / "enc.safetensors")
+    text = str(report(path))
+    assert "0.linear1" in text and "inside nn.TransformerEncoderLayer" in text
+    packed = load_into(copy.deepcopy(model), path)
+    assert isinstance(packed[1], PackedLinear) and isinstance(packed[0].linear1, nn.Linear)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), rtol=0, atol=0.05)

@@ -27,3 +27,16 @@ def test_lenet5_is_the_caffe_variant():
     net = LeNet5()
     assert net.conv1.out_channels == 20 and net.conv2.out_channels == 50
     assert net.fc1.in_features == 800 and net.fc1.out_features == 500
+
+
+def test_tiny_encoder_packs_its_feed_forward_and_keeps_attention_fp32():
+    from lightning_compress.export import plan_layers
+    from lightning_compress.zoo import TinyEncoder
+
+    net = TinyEncoder(vocab=50, seq_len=12, hidden=32, heads=4, ffn=64, layers=2, classes=3)
+    ids = torch.randint(0, 50, (5, 12))
+    assert net(ids).shape == (5, 3)
+    assert net(ids[:, :7]).shape == (5, 3)  # shorter sequences use the first positions
+    plan = plan_layers(net)
+    assert set(plan.packable) == {f"blocks.{i}.ffn{j}" for i in (0, 1) for j in (1, 2)} | {"head"}
+    assert "blocks.0.attn" in plan.unpacked
