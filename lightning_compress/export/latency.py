@@ -152,7 +152,18 @@ def choose(
     layer: str,
     candidates: dict[str, Callable[[], nn.Module]],
     make_input: Callable[[], Any],
+    prefer: str | None = "fp32",
+    margin: float = 0.1,
 ) -> tuple[str, dict[str, float]]:
-    """The fastest candidate for ``layer`` and every candidate's measured milliseconds."""
+    """The fastest candidate for ``layer`` and every candidate's measured milliseconds.
+
+    ``prefer`` (the fp32 layer, which is what the model ran before packing) is kept unless
+    another candidate measured at least ``margin`` faster: a layer's time in the model differs
+    from its time alone by more than the noise between close candidates, and a wrong pick
+    against fp32 makes the packed model slower than the model it came from.
+    """
     times = table.measure(layer, candidates, make_input)
-    return min(times, key=times.__getitem__), times
+    best = min(times, key=times.__getitem__)
+    if prefer in times and times[best] > (1.0 - margin) * times[prefer]:
+        best = prefer
+    return best, times
