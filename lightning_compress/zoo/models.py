@@ -102,9 +102,21 @@ class BNConvNet(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: two 3x3 conv-BN, ReLU between, a residual add.
+
+    Args:
+        inplanes: Input channels.
+        planes: Output channels.
+        stride: Stride of the first convolution.
+        downsample: Applied to the input of the residual add where the shape changes
+            (a 1x1 conv-BN); None for the identity.
+    """
+
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -122,7 +134,13 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """torchvision's ``resnet18`` architecture (layers [2, 2, 2, 2]) at base width ``width``,
-    written out so that nothing depends on torchvision."""
+    written out so that nothing depends on torchvision (whose only build beside the CPU torch
+    fails to import).
+
+    Args:
+        num_classes: Output classes.
+        width: Channels of the first stage (64 in torchvision; later stages double it).
+    """
 
     def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
@@ -162,7 +180,13 @@ class ResNet18(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Post-norm self-attention and a GELU feed-forward, the feed-forward as two nn.Linear."""
+    """Post-norm self-attention and a GELU feed-forward, the feed-forward as two nn.Linear.
+
+    Args:
+        hidden: Width of the block's input and output.
+        heads: Attention heads (nn.MultiheadAttention, batch first).
+        ffn: Feed-forward width.
+    """
 
     def __init__(self, hidden: int, heads: int, ffn: int) -> None:
         super().__init__()
@@ -180,7 +204,17 @@ class EncoderBlock(nn.Module):
 class TinyEncoder(nn.Module):
     """A BERT-like encoder classifier: token and learned position embeddings, ``layers``
     :class:`EncoderBlock`, mean pooling, a linear head. ``forward(ids)`` takes int64 token ids
-    ``[batch, seq_len]``."""
+    ``[batch, length]``, ``length`` at most ``seq_len``.
+
+    Args:
+        vocab: Token vocabulary size.
+        seq_len: Longest sequence (learned positions).
+        hidden: Model width; a multiple of ``heads``.
+        heads: Attention heads.
+        ffn: Feed-forward width.
+        layers: Encoder blocks.
+        classes: Output classes.
+    """
 
     def __init__(
         self,
@@ -199,6 +233,11 @@ class TinyEncoder(nn.Module):
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.position.shape[0]:
+            raise ValueError(
+                f"`ids` has {ids.shape[1]} tokens per sequence, more than the "
+                f"{self.position.shape[0]} positions (`seq_len`) the model was built with"
+            )
         x = self.embed(ids) + self.position[: ids.shape[1]]
         for block in self.blocks:
             x = block(x)
