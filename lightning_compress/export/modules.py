@@ -31,6 +31,7 @@ from lightning_compress.ops.dyn_linear import (
     block_layout,
 )
 from lightning_compress.ops.packed import (
+    _fake_quant_output,
     check_sparse_layout,
     hugepage_copy,
     int_linear,
@@ -137,10 +138,10 @@ class PackedWeight(nn.Module):
         impl = self.impl
         if impl != "kernel":
             if impl == "fp32":
-                return _fake_quant(F.linear(x2d, self.weight, self.bias), act_args)
+                return _fake_quant_output(F.linear(x2d, self.weight, self.bias), *act_args)
             if impl == "qdynamic":
                 y = torch.ops.quantized.linear_dynamic(x2d, self._prepacked, True)
-                return _fake_quant(y, act_args)
+                return _fake_quant_output(y, *act_args)
             op = bitmask_dyn_linear if impl == "bitmask" else block_dyn_linear
             return op(
                 x2d,
@@ -177,13 +178,6 @@ def impl_tensor(impl: str) -> str:
     return "mask" if impl == "bitmask" else "group"
 
 
-def _fake_quant(y: torch.Tensor, act_args: tuple[float, int, int]) -> torch.Tensor:
-    scale, zero_point, qmax = act_args
-    if scale == 0:
-        return y
-    return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, 0, qmax)
-
-
 class PackedLinear(PackedWeight):
     """Drop-in for ``nn.Linear`` and transformers' ``Conv1D`` (any leading dimensions; float32
     math, output in x's dtype)."""
@@ -212,7 +206,7 @@ class PackedConv2d(PackedWeight):
         if self.impl == "fp32":
             weight = self.weight.view(self.out_features, -1, *self.kernel_size)
             y = F.conv2d(x4.float(), weight, self.bias, self.stride, self.padding, self.dilation)
-            y = _fake_quant(y, self._act_args).to(x.dtype)
+            y = _fake_quant_output(y, *self._act_args).to(x.dtype)
             return y if batched else y.squeeze(0)
         rows, (b, out_h, out_w) = _unfold_rows(
             x4, self.kernel_size, self.stride, self.padding, self.dilation

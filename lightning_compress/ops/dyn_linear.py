@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_compress.ops._library import register_op
+from lightning_compress.ops.packed import _check_act, _fake_quant_output
 
 MAX_IN_FEATURES = 65536
 WORD = 64
@@ -175,14 +176,7 @@ def _check(
     act_qmax: int = 255,
 ) -> int:
     """The compiled kernels' preconditions that do not read the layout's data; returns N."""
-    torch._check_value(
-        act_scale >= 0,
-        lambda: f"{op}: `act_scale` must be >= 0 (0: float outputs), got {act_scale}",
-    )
-    torch._check_value(
-        act_scale == 0 or (act_qmax > 0 and 0 <= act_zero_point <= act_qmax),
-        lambda: f"{op}: activation zero point {act_zero_point} must lie in [0, {act_qmax}]",
-    )
+    _check_act(op, act_scale, act_zero_point, act_qmax)
     torch._check_type(
         x.dtype == torch.float32 and x.dim() == 2,
         lambda: f"{op}: `x` must be 2-D float32 [batch, in_features], got {x.dtype} {x.dim()}-D",
@@ -235,9 +229,7 @@ def dyn_linear_from_dense(
     y = (dot.to(torch.float32) * step[:, None]) * scale[None, :]
     if bias is not None:
         y = y + bias
-    if act_scale == 0:
-        return y
-    return torch.fake_quantize_per_tensor_affine(y, act_scale, act_zero_point, 0, act_qmax)
+    return _fake_quant_output(y, act_scale, act_zero_point, act_qmax)
 
 
 def bitmask_dyn_linear_reference(

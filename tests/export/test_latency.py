@@ -20,14 +20,7 @@ from lightning_compress.export.modules import (
 from lightning_compress.ops.dyn_linear import quantize_rows
 from lightning_compress.zoo import LeNet5, LeNet300100
 
-
-def pruned(model, sparsity, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p[torch.rand(p.shape, generator=gen) < sparsity] = 0
-    return model.eval()
+from .test_pack import pruned
 
 
 def layer_parts(n=24, k=40, sparsity=0.6, seed=0):
