@@ -16,6 +16,7 @@ from lightning_compress.quantization.record import (
     LayerRecord,
     QuantizedLayer,
     RecordSource,
+    SharedLayer,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "QATConfig",
     "QuantizedLayer",
     "RecordSource",
+    "SharedLayer",
     "fake_quant_weight",
     "pack_int4",
     "quantize_weight",

@@ -139,6 +139,77 @@ class QuantizedLayer(LayerRecord):
         return self.values.float() * channel_view(self.scale, self.values)
 
 
+@dataclass(frozen=True, eq=False)
+class SharedLayer(LayerRecord):
+    """Weight sharing: each weight is one of a small codebook's values, or an exact zero.
+
+    ``weight[r, ...] = codebook[r // (out_channels // groups), indices[r, ...]]`` where ``mask``
+    is set, and exactly 0 where it is not (pruned weights are not a centroid).
+
+    Args:
+        name: The weight's qualified parameter name.
+        codebook: float32 [groups, 2**bits]: each group of consecutive output channels' centroids.
+        indices: uint8 of the weight's shape, each in ``[0, 2**bits)`` (0 where ``mask`` is not set).
+        mask: bool of the weight's shape: the weights that are not exact zeros.
+        bits: Index bits, 1 to 8.
+        activation: The layer output's range where activations were quantized, else None.
+
+    Raises:
+        ValueError: Codebook, indices and mask that do not describe one shared weight.
+    """
+
+    kind: ClassVar[str] = "codebook"
+    codebook: torch.Tensor = dataclasses.field(repr=False)
+    indices: torch.Tensor = dataclasses.field(repr=False)
+    mask: torch.Tensor = dataclasses.field(repr=False)
+    bits: int
+    activation: ActivationRange | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ValueError(f"{self.name}: `bits` must be in [1, 8], got {self.bits}")
+        if self.indices.dtype != torch.uint8 or self.indices.dim() < 2:
+            raise ValueError(
+                f"{self.name}: `indices` must be a uint8 tensor with output channels on dim 0, "
+                f"got {self.indices.dtype} {tuple(self.indices.shape)}"
+            )
+        if self.mask.dtype != torch.bool or self.mask.shape != self.indices.shape:
+            raise ValueError(
+                f"{self.name}: `mask` must be bool {tuple(self.indices.shape)}, "
+                f"got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
+        levels = 2**self.bits
+        rows = self.indices.shape[0]
+        if (
+            self.codebook.dtype != torch.float32
+            or self.codebook.dim() != 2
+            or self.codebook.shape[1] != levels
+            or not 1 <= self.codebook.shape[0] <= rows
+            or rows % self.codebook.shape[0]
+        ):
+            raise ValueError(
+                f"{self.name}: `codebook` must be float32 [groups, {levels}] with groups "
+                f"dividing {rows}, got {self.codebook.dtype} {tuple(self.codebook.shape)}"
+            )
+        if self.indices.numel() and int(self.indices.max()) >= levels:
+            raise ValueError(
+                f"{self.name}: `indices` point past the codebook's {levels} entries"
+            )
+
+    @property
+    def groups(self) -> int:
+        """How many codebooks: consecutive output channels share one."""
+        return int(self.codebook.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        """Each weight's centroid (0 where ``mask`` is not set), float32."""
+        rows = self.indices.shape[0]
+        per_row = self.codebook.repeat_interleave(rows // self.groups, dim=0)
+        flat = self.indices.reshape(rows, -1).long()
+        values = per_row.gather(1, flat).reshape(self.indices.shape)
+        return values * self.mask
+
+
 class CompressionRecord(Mapping[str, LayerRecord]):
     """The compressed layers of one model, by weight name; what export packs.
 

@@ -143,7 +143,10 @@ def test_measured_choice_on_a_convnet_with_an_example(tmp_path):
     chosen = {n: m for n, m in packed.named_modules() if hasattr(m, "latency_ms")}
     assert set(chosen) == {"conv1", "conv2", "fc1", "fc2"}
     for m in chosen.values():
-        assert m.impl == min(m.latency_ms, key=m.latency_ms.get)
+        # fp32 (what the model ran before packing) stays unless another is >= 10% faster.
+        best = min(m.latency_ms, key=m.latency_ms.get)
+        faster = m.latency_ms[best] <= 0.9 * m.latency_ms["fp32"]
+        assert m.impl == (best if faster else "fp32")
         in_features = m.weight[0].numel() if m.impl == "fp32" else m.in_features
         assert set(m.latency_ms) == set(implementations(in_features))
     assert packed(x).shape == (3, 10)

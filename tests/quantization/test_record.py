@@ -96,3 +96,32 @@ def test_activation_range_and_record_source():
 
     assert isinstance(Holder(CompressionRecord([record])), RecordSource)
     assert not isinstance(object(), RecordSource)
+
+
+def test_a_shared_layer_dequantizes_through_its_group_codebook_and_mask():
+    from lightning_compress.quantization import SharedLayer
+
+    codebook = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
+    indices = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.uint8)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    layer = SharedLayer("fc.weight", codebook, indices, mask, bits=1)
+    want = torch.tensor([[-1.0, 2, 0], [2, -1, -1], [3, 0, -4], [0, -4, 3]])
+    assert layer.groups == 2
+    torch.testing.assert_close(layer.dequantize(), want)
+
+
+@pytest.mark.parametrize(
+    ("codebook", "indices", "bits", "match"),
+    [
+        (torch.zeros(1, 4), torch.zeros(2, 3, dtype=torch.uint8), 9, "`bits` must be in"),
+        (torch.zeros(1, 2), torch.full((2, 3), 2, dtype=torch.uint8), 1, "point past"),
+        (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.uint8), 1, "groups dividing"),
+        (torch.zeros(1, 4), torch.zeros(2, 3, dtype=torch.int8), 2, "uint8"),
+    ],
+)
+def test_a_shared_layer_refuses_what_is_not_one_shared_weight(codebook, indices, bits, match):
+    from lightning_compress.quantization import SharedLayer
+
+    mask = torch.ones(indices.shape, dtype=torch.bool)
+    with pytest.raises(ValueError, match=match):
+        SharedLayer("fc.weight", codebook, indices, mask, bits=bits)
