@@ -64,7 +64,13 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lightning_compress.export import positions
-from lightning_compress.export.latency import LatencyTable, choose, default_path
+from lightning_compress.export.latency import (
+    LatencyTable,
+    LayerSpec,
+    choose,
+    default_path,
+    last_level_cache_bytes,
+)
 from lightning_compress.export.modules import (
     PackedConv2d,
     PackedLinear,
@@ -672,11 +678,23 @@ def load_into(
     if batch_size is not None:
         shapes = _input_shapes(model, example, [e["name"] for e in art.layers], batch_size)
         table = latency if latency is not None else LatencyTable(default_path())
+        # Packed weights beyond the last-level cache are read from memory by every layer.
+        packed_bytes = sum(
+            t.numel() * t.element_size() for k, t in art.tensors.items() if k.startswith("packed/")
+        )
+        cold = packed_bytes > last_level_cache_bytes()
         for entry in art.layers:
             if entry["kind"] != "lowrank":
                 name = entry["name"]
                 replacements[name] = _fastest(
-                    entry, art.tensors, modules[name], shapes.get(name), batch_size, exact, table
+                    entry,
+                    art.tensors,
+                    modules[name],
+                    shapes.get(name),
+                    batch_size,
+                    exact,
+                    table,
+                    cold,
                 )
     # Verified: from here on nothing can fail.
     with torch.no_grad():
@@ -733,8 +751,10 @@ def _fastest(
     batch_size: int,
     exact: bool,
     table: LatencyTable,
+    cold: bool,
 ) -> nn.Module:
-    """The inference module of ``entry`` in the implementation measured fastest on ``shape``."""
+    """The inference module of ``entry`` in the implementation measured fastest on ``shape``
+    (with the cache flushed before every call where ``cold``)."""
     name, kind = entry["name"], entry["kind"]
     n, k = (int(v) for v in entry["shape"])
     if shape is None:
@@ -744,10 +764,16 @@ def _fastest(
                 "that its input size is known"
             )
         shape = (batch_size, k)
-    density = int(entry["nnz"]) / max(n * k, 1)
-    layer = (
-        f"{kind}|{n}x{k}|int{entry['bits']}|density={density:.2f}"
-        f"|act={entry.get('act') is not None}|conv={entry.get('conv')}|input={list(shape)}"
+    layer = LayerSpec(
+        kind,
+        n,
+        k,
+        int(entry["bits"]),
+        int(entry["nnz"]) / max(n * k, 1),
+        entry.get("act") is not None,
+        tuple(shape),
+        None if entry.get("conv") is None else json.dumps(entry["conv"], sort_keys=True),
+        cold,
     )
 
     def build(impl: str) -> Callable[[], nn.Module]:

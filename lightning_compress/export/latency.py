@@ -9,19 +9,32 @@ torch and package versions, so a second load of the same shapes measures nothing
 :func:`choose` returns the fastest candidate. Trainer-free: ``load_into(..., batch_size=...)``
 uses it, and so can a search over compression choices.
 
-Measurements are of one layer with its weights as they are (warm in the cache when they fit):
-a model whose layers each fit in the last-level cache but together do not is slower than the
-sum of its measured layers.
+A layer is measured warm (its weights left in the cache by the call before) or cold (the
+last-level cache flushed before every call): ``load_into`` measures cold when the model's packed
+weights exceed the last-level cache, since each layer then reads its weights from memory, as it
+will in the model.
+
+Prediction: a table with ``predict=True`` answers a linear layer it has not measured from the
+ones it has (same implementation, kind, bits, activations and cache state), by piecewise-linear
+interpolation in density, then in the weight's size (``out * in``), then in the number of rows
+of the input (the batch); beyond the measured sizes and batches it scales in proportion (the
+product's cost grows with both), below them it keeps the smallest measured time (the per-call
+overhead). :meth:`LatencyTable.calibrate` measures a grid to predict from. A model's predicted
+latency is the sum of its layers'.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
+import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,8 +43,91 @@ import torch
 from torch import nn
 
 FORMAT = "lightning-compress-latency"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_ENV = "LIGHTNING_COMPRESS_LATENCY_CACHE"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a packed layer's latency depends on, besides the implementation.
+
+    Args:
+        kind: ``"linear"`` or ``"conv2d"``.
+        out_features: Rows of the weight matrix (N).
+        in_features: Columns of the weight matrix (K; ``in/groups * kh * kw`` for a conv).
+        bits: Weight bits as stored (8 or 4).
+        density: Non-zeros over ``N * K``, in [0, 1] (kept to two decimals in the key).
+        act: Whether the output is fake-quantized to a recorded range.
+        input: The layer's input shape, batch first.
+        conv: The convolution's parameters (None for a linear layer).
+        cold: Measured with the last-level cache flushed before every call.
+    """
+
+    kind: str
+    out_features: int
+    in_features: int
+    bits: int
+    density: float
+    act: bool = False
+    input: tuple[int, ...] = ()
+    conv: str | None = None
+    cold: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of the product: every input dimension but the last (a linear layer's batch)."""
+        return math.prod(self.input[:-1]) if len(self.input) > 1 else 1
+
+    @property
+    def size(self) -> int:
+        """Weights in the matrix: ``out * in``."""
+        return self.out_features * self.in_features
+
+    def key(self) -> str:
+        """The table key: every field, the density to two decimals."""
+        return (
+            f"{self.kind}|{self.out_features}x{self.in_features}|int{self.bits}"
+            f"|density={self.density:.2f}|act={self.act}|conv={self.conv}"
+            f"|input={'x'.join(map(str, self.input))}|cold={self.cold}"
+        )
+
+    @classmethod
+    def parse(cls, key: str) -> LayerSpec | None:
+        """The spec a :meth:`key` was made from; None for a key of another form."""
+        try:
+            kind, shape, bits, density, act, conv, shape_in, cold = key.split("|")
+            n, k = (int(v) for v in shape.split("x"))
+            return cls(
+                kind,
+                n,
+                k,
+                int(bits.removeprefix("int")),
+                float(density.removeprefix("density=")),
+                act == "act=True",
+                tuple(int(v) for v in shape_in.removeprefix("input=").split("x") if v),
+                None if conv == "conv=None" else conv.removeprefix("conv="),
+                cold == "cold=True",
+            )
+        except ValueError:
+            return None
+
+    def family(self) -> tuple[Any, ...]:
+        """What must match for one measurement to predict another: all but size, density and
+        the input's rows."""
+        return (self.kind, self.bits, self.act, self.conv, self.cold, len(self.input))
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache the kernel reports (the L3, as a rule); 32 MiB where unknown."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=32 << 20)
 
 
 def cpu_model() -> str:
@@ -67,14 +163,21 @@ def default_path() -> Path:
 
 @torch.no_grad()
 def time_modules(
-    modules: dict[str, nn.Module], make_input: Callable[[], Any], reps: int = 7
+    modules: dict[str, nn.Module],
+    make_input: Callable[[], Any],
+    reps: int = 7,
+    cold: bool = False,
 ) -> dict[str, float]:
     """Median milliseconds per forward of each module on the same input, the modules taking
-    turns (so that the machine's drift hits all alike), after two warm-up rounds."""
+    turns (so that the machine's drift hits all alike), after two warm-up rounds. ``cold``:
+    the last-level cache is flushed (a buffer of twice its size is read) before every call."""
     x = make_input()
+    flush = torch.ones(2 * last_level_cache_bytes() // 4) if cold else None
     times: dict[str, list[float]] = {name: [] for name in modules}
     for rep in range(reps + 2):
         for name, module in modules.items():
+            if flush is not None:
+                flush.sum()
             start = time.perf_counter()
             module(x)
             if rep >= 2:
@@ -82,18 +185,39 @@ def time_modules(
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+def _interpolate(points: Sequence[tuple[float, float]], at: float, scale_up: bool) -> float:
+    """Piecewise-linear through ``points`` (x, y) sorted by x. Below the first: its y; beyond
+    the last: its y, times ``at / x`` where ``scale_up``."""
+    xs = [p[0] for p in points]
+    i = bisect.bisect_left(xs, at)
+    if i < len(xs) and xs[i] == at:
+        return points[i][1]
+    if i == 0:
+        return points[0][1]
+    if i == len(xs):
+        x, y = points[-1]
+        return y * at / x if scale_up and x > 0 else y
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+
+
 class LatencyTable:
-    """Measured milliseconds per (implementation, layer description), cached on disk.
+    """Measured milliseconds per (implementation, :class:`LayerSpec`), cached on disk.
 
     Args:
         path: The JSON file (None: in memory only). A file written on another machine, by other
             versions or in another format is ignored (and replaced on save), never trusted.
         reps: Timed repetitions per measurement.
+        predict: Answer a linear layer not yet measured from the measured ones
+            (:meth:`predict`) instead of measuring it, wherever the table can.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, reps: int = 7) -> None:
+    def __init__(
+        self, path: str | os.PathLike | None = None, reps: int = 7, predict: bool = False
+    ) -> None:
         self.path = None if path is None else Path(path)
         self.reps = reps
+        self.predicting = predict
         self.machine = machine()
         self.entries: dict[str, float] = {}
         if self.path is not None and self.path.is_file():
@@ -111,21 +235,85 @@ class LatencyTable:
                 self.entries = {str(k): float(v) for k, v in data["entries"].items()}
 
     def measure(
-        self, layer: str, candidates: dict[str, Callable[[], nn.Module]], make_input: Callable
+        self,
+        layer: LayerSpec,
+        candidates: dict[str, Callable[[], nn.Module]],
+        make_input: Callable[[], Any],
     ) -> dict[str, float]:
-        """Milliseconds of each candidate (built only when not yet in the table) for ``layer``,
-        a description of the layer and its input that names what the time depends on."""
-        missing = {
-            impl: build
-            for impl, build in candidates.items()
-            if self._key(impl, layer) not in self.entries
-        }
+        """Milliseconds of each candidate (built only when neither in the table nor, with
+        ``predict``, predictable) for ``layer``."""
+        times: dict[str, float] = {}
+        for impl in candidates:
+            known = self.entries.get(self._key(impl, layer))
+            if known is None and self.predicting:
+                known = self.predict(impl, layer)
+            if known is not None:
+                times[impl] = known
+        missing = {impl: build for impl, build in candidates.items() if impl not in times}
         if missing:
             built = {impl: build() for impl, build in missing.items()}
-            for impl, ms in time_modules(built, make_input, self.reps).items():
-                self.entries[self._key(impl, layer)] = ms
+            for impl, ms in time_modules(built, make_input, self.reps, layer.cold).items():
+                self.entries[self._key(impl, layer)] = times[impl] = ms
             self.save()
-        return {impl: self.entries[self._key(impl, layer)] for impl in candidates}
+        return {impl: times[impl] for impl in candidates}
+
+    def predict(self, impl: str, layer: LayerSpec) -> float | None:
+        """Milliseconds of ``impl`` on ``layer`` from the measurements of its family (see the
+        module's docstring); None where there are none to predict from (and for convolutions,
+        whose time depends on the image as well as the matrix)."""
+        known = self.entries.get(self._key(impl, layer))
+        if known is not None or layer.kind != "linear":
+            return known
+        family = layer.family()
+        # rows -> size -> (n, k) -> [(density, ms)]
+        grid: dict[int, dict[int, dict[tuple[int, int], list[tuple[float, float]]]]] = {}
+        for key, ms in self.entries.items():
+            found_impl, _, rest = key.partition("|")
+            spec = LayerSpec.parse(rest) if found_impl == impl else None
+            if spec is None or spec.family() != family:
+                continue
+            shape = (spec.out_features, spec.in_features)
+            by_size = grid.setdefault(spec.rows, {}).setdefault(spec.size, {})
+            by_size.setdefault(shape, []).append((spec.density, ms))
+        if not grid:
+            return None
+
+        def at_rows(sizes: dict[int, dict[tuple[int, int], list[tuple[float, float]]]]) -> float:
+            def at_size(shapes: dict[tuple[int, int], list[tuple[float, float]]]) -> float:
+                shape = (layer.out_features, layer.in_features)
+                chosen = [shapes[shape]] if shape in shapes else list(shapes.values())
+                return statistics.fmean(
+                    _interpolate(sorted(p), layer.density, scale_up=False) for p in chosen
+                )
+
+            return _interpolate(
+                [(size, at_size(shapes)) for size, shapes in sorted(sizes.items())],
+                layer.size,
+                scale_up=True,
+            )
+
+        return _interpolate(
+            [(rows, at_rows(sizes)) for rows, sizes in sorted(grid.items())],
+            layer.rows,
+            scale_up=True,
+        )
+
+    def calibrate(
+        self,
+        layers: Sequence[LayerSpec],
+        build: Callable[[str, LayerSpec], nn.Module],
+        impls: Sequence[str],
+    ) -> None:
+        """Measures every implementation in ``impls`` on every layer of ``layers`` (a grid of
+        shapes, densities and batches for :meth:`predict` to interpolate in); ``build(impl,
+        layer)`` makes the module. Already measured pairs are not measured again."""
+        for layer in layers:
+            candidates = {impl: functools.partial(build, impl, layer) for impl in impls}
+            was, self.predicting = self.predicting, False
+            try:
+                self.measure(layer, candidates, functools.partial(torch.randn, *layer.input))
+            finally:
+                self.predicting = was
 
     def save(self) -> None:
         """Writes the table (atomically) where it has a path."""
@@ -143,13 +331,13 @@ class LatencyTable:
         tmp.replace(self.path)
 
     @staticmethod
-    def _key(impl: str, layer: str) -> str:
-        return f"{impl}|{layer}"
+    def _key(impl: str, layer: LayerSpec) -> str:
+        return f"{impl}|{layer.key()}"
 
 
 def choose(
     table: LatencyTable,
-    layer: str,
+    layer: LayerSpec,
     candidates: dict[str, Callable[[], nn.Module]],
     make_input: Callable[[], Any],
     prefer: str | None = "fp32",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_compress.export import load_into, pack
-from lightning_compress.export.latency import LatencyTable, machine
+from lightning_compress.export.latency import LatencyTable, LayerSpec, machine
 from lightning_compress.export.modules import (
     IMPLEMENTATIONS,
     PackedConv2d,
@@ -180,14 +180,11 @@ def test_the_table_is_cached_per_machine_and_ignores_foreign_files(tmp_path):
 
         return build
 
+    layer = LayerSpec("linear", 4, 2, 8, 0.5, input=(1, 2))
     table = LatencyTable(path, reps=1)
-    first = table.measure(
-        "layer", {"a": candidate("a"), "b": candidate("b")}, lambda: torch.ones(2)
-    )
+    first = table.measure(layer, {"a": candidate("a"), "b": candidate("b")}, lambda: torch.ones(2))
     assert built == ["a", "b"] and set(first) == {"a", "b"}
-    again = LatencyTable(path, reps=1).measure(
-        "layer", {"a": candidate("a")}, lambda: torch.ones(2)
-    )
+    again = LatencyTable(path, reps=1).measure(layer, {"a": candidate("a")}, lambda: torch.ones(2))
     assert built == ["a", "b"] and again == {"a": first["a"]}  # read back, nothing rebuilt
     data = json.loads(path.read_text())
     assert data["machine"] == machine()
@@ -196,3 +193,77 @@ def test_the_table_is_cached_per_machine_and_ignores_foreign_files(tmp_path):
     assert LatencyTable(path).entries == {}
     path.write_text("{not json")
     assert LatencyTable(path).entries == {}
+
+
+def test_a_layer_spec_survives_its_key():
+    spec = LayerSpec("conv2d", 16, 150, 4, 0.25, True, (8, 6, 14, 14), '{"stride": 1}', True)
+    assert LayerSpec.parse(spec.key()) == spec
+    assert spec.rows == 8 * 6 * 14 and spec.size == 16 * 150
+    assert LayerSpec.parse("not|a|key") is None
+
+
+def linear(n, k, density, rows=1, bits=8):
+    return LayerSpec("linear", n, k, bits, density, input=(rows, k))
+
+
+def test_prediction_interpolates_density_size_and_rows():
+    table = LatencyTable(predict=True)
+    # A cost that is linear in density, in the weight's size and in the rows.
+    for n, k in [(100, 100), (200, 400)]:
+        for density in (0.1, 0.5, 1.0):
+            for rows in (1, 8):
+                ms = 0.01 + 1e-5 * n * k * density * (1 + rows / 8)
+                table.entries[f"kernel|{linear(n, k, density, rows).key()}"] = ms
+
+    def want(n, k, density, rows):
+        return 0.01 + 1e-5 * n * k * density * (1 + rows / 8)
+
+    assert table.predict("kernel", linear(100, 100, 0.5)) == pytest.approx(want(100, 100, 0.5, 1))
+    # Between measured densities, then between measured sizes (another shape, same size too).
+    assert table.predict("kernel", linear(100, 100, 0.3)) == pytest.approx(want(100, 100, 0.3, 1))
+    mid = table.predict("kernel", linear(150, 200, 0.5))
+    assert want(100, 100, 0.5, 1) < mid < want(200, 400, 0.5, 1)
+    # Between measured rows; beyond the largest size, in proportion to the size.
+    assert table.predict("kernel", linear(100, 100, 1.0, rows=4)) == pytest.approx(
+        want(100, 100, 1.0, 4)
+    )
+    big = table.predict("kernel", linear(400, 400, 1.0))
+    assert big == pytest.approx(want(200, 400, 1.0, 1) * 2)
+    # Nothing of the family: other bits, another implementation, a convolution.
+    assert table.predict("kernel", linear(100, 100, 0.5, bits=4)) is None
+    assert table.predict("fp32", linear(100, 100, 0.5)) is None
+    conv = LayerSpec("conv2d", 100, 100, 8, 0.5, input=(1, 4, 5, 5))
+    assert table.predict("kernel", conv) is None
+
+
+def test_a_predicting_table_measures_only_what_it_cannot_predict():
+    table = LatencyTable(reps=1, predict=True)
+    table.entries[f"kernel|{linear(8, 8, 0.5).key()}"] = 0.25
+    table.entries[f"kernel|{linear(8, 8, 1.0).key()}"] = 0.5
+    built = []
+
+    def build(name):
+        return lambda: built.append(name) or nn.Identity()
+
+    times = table.measure(
+        linear(8, 8, 0.75),
+        {"kernel": build("kernel"), "fp32": build("fp32")},
+        lambda: torch.ones(8),
+    )
+    assert times["kernel"] == pytest.approx(0.375) and built == ["fp32"]
+    assert f"kernel|{linear(8, 8, 0.75).key()}" not in table.entries  # predictions are not stored
+
+
+def test_calibrate_measures_a_grid_once_cold():
+    table = LatencyTable(reps=1)
+    specs = [LayerSpec("linear", 16, 32, 8, d, input=(1, 32), cold=True) for d in (0.25, 1.0)]
+    built = []
+
+    def build(impl, spec):
+        built.append((impl, spec.density))
+        return nn.Linear(32, 16)
+
+    table.calibrate(specs, build, ["fp32", "kernel"])
+    table.calibrate(specs, build, ["fp32", "kernel"])
+    assert len(built) == 4 and len(table.entries) == 4
+    assert all(v > 0 for v in table.entries.values())
