@@ -23,6 +23,7 @@ from lightning_compress.quantization.fake import (
     weight_qmax,
     weight_scale,
 )
+from lightning_compress.quantization.kmeans import SharedWeight, check_groups
 from lightning_compress.quantization.layers import (
     BN_TYPES,
     FakeQuantLayers,
@@ -49,6 +50,16 @@ class QATCallback(ConfiguredCallback):
     :meth:`remove`. At the end of ``fit`` (or after :meth:`attach`), :attr:`record` holds the
     true integers for export.
 
+    With ``scheme="kmeans"`` the weights are shared instead (Deep Compression, Han et al.
+    2016): at ``start`` each targeted layer's non-zero weights are clustered into ``2**bits``
+    centroids (1-D k-means, linear initialisation), per layer or per group of output channels;
+    the forward then computes with each weight's centroid (exact zeros stay zeros, a weight
+    pruned later leaves the codebook at once), the centroids train on the summed gradients of
+    their weights with the callback's own Adam (``kmeans_lr``), the dense weight keeps training
+    straight through, and every ``refresh`` each weight is re-assigned to its nearest centroid.
+    :attr:`record` then holds :class:`~lightning_compress.quantization.SharedLayer` records.
+    BatchNorm is not folded into shared layers.
+
     Args:
         bits: Weight bits, 2 to 8.
         start: Step from which quantization is on (``"Nep"``, ``"Nit"`` or an int).
@@ -67,6 +78,13 @@ class QATCallback(ConfiguredCallback):
         lsq_lr: Learning rate of the step sizes (``method="lsq"``).
         quantize_output: Also fake-quantize the output of the last quantized layer to run
             (the model's logits, as a rule); off by default.
+        scheme: ``"uniform"`` (integer grid, the default) or ``"kmeans"`` (weight sharing;
+            ``bits`` are then index bits, 1 to 8).
+        groups: Codebooks per layer for ``"kmeans"`` (consecutive output channels share one);
+            must divide every targeted layer's output channels.
+        refresh: ``"kmeans"``: re-assign every weight to its nearest centroid at this period
+            of the step clock (``"Nep"``, ``"Nit"`` or an int); None: never.
+        kmeans_lr: Learning rate of the centroids (``"kmeans"``).
 
     Raises:
         ValueError: An argument out of range or an unknown name.
@@ -88,6 +106,10 @@ class QATCallback(ConfiguredCallback):
         overrides: dict[str, int] | None = None,
         lsq_lr: float = 1e-3,
         quantize_output: bool = False,
+        scheme: str = "uniform",
+        groups: int = 1,
+        refresh: str | int | None = None,
+        kmeans_lr: float = 1e-4,
     ) -> None:
         self.config = QATConfig(
             bits=bits,
@@ -102,6 +124,10 @@ class QATCallback(ConfiguredCallback):
             overrides=overrides,
             lsq_lr=lsq_lr,
             quantize_output=quantize_output,
+            scheme=scheme,
+            groups=groups,
+            refresh=refresh,
+            kmeans_lr=kmeans_lr,
         )
         self._step_optimizer: torch.optim.Optimizer | None = None
         self._hook_handles: list[Any] = []
@@ -112,6 +138,11 @@ class QATCallback(ConfiguredCallback):
         self._steps: dict[str, int | None] = {}
         self._loaded: dict[str, Any] | None = None
         self._bns: list[nn.Module] = []
+        self._codebook_optimizer: torch.optim.Optimizer | None = None
+        # The step of the last clustering or refresh (a refresh is due once per step).
+        self._last_refresh: int | None = None
+        # Per shared layer: the fraction of its weights that changed cluster at the last refresh.
+        self.reassigned: dict[str, float] = {}
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -121,10 +152,10 @@ class QATCallback(ConfiguredCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.method == "lsq":
+        if self.method == "lsq" or self.scheme == "kmeans":
             for optimizer in trainer.optimizers:
                 self._hook_handles.append(
-                    optimizer.register_step_post_hook(lambda *_: self._step_sizes(trainer))
+                    optimizer.register_step_post_hook(lambda *_: self._side_steps(trainer))
                 )
 
     @override
@@ -134,7 +165,13 @@ class QATCallback(ConfiguredCallback):
             start=self.start,
             freeze_observers=self.freeze_observers,
             freeze_bn=self.freeze_bn,
+            refresh=self.refresh,
         )
+        if self._steps["refresh"] == 0:
+            raise ValueError(
+                f"`refresh`={self.refresh} is 0 optimizer steps with this trainer; give a "
+                "period of at least one step"
+            )
         for arg in ("freeze_observers", "freeze_bn"):
             step = self._steps[arg]
             if step is not None and step < self._steps["start"]:
@@ -144,12 +181,14 @@ class QATCallback(ConfiguredCallback):
                 )
         self._restore()
         self._phase(trainer.global_step, training=True)
+        self._share(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._phase(trainer.global_step, training=True)
+        self._share(trainer)
 
     @override
     def on_train_batch_end(
@@ -181,6 +220,7 @@ class QATCallback(ConfiguredCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_stats(trainer)
+        self._log_histograms(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,6 +249,11 @@ class QATCallback(ConfiguredCallback):
             state["steps"] = {n: s.detach().cpu().clone() for n, s in layers.steps.items()}
             assert self._step_optimizer is not None
             state["step_optimizer"] = self._step_optimizer.state_dict()
+        if layers is not None and layers.shared:
+            state["shared"] = {n: s.state_dict() for n, s in layers.shared.items()}
+            assert self._codebook_optimizer is not None
+            state["codebook_optimizer"] = self._codebook_optimizer.state_dict()
+            state["last_refresh"] = self._last_refresh
         return state
 
     @override
@@ -235,7 +280,9 @@ class QATCallback(ConfiguredCallback):
                 "with matching channels; set fold_bn=None (fold where possible) or False"
             )
         folds = {}
-        if self.fold_bn is not False:
+        if self.scheme == "kmeans":
+            self._check_sharable(pl_module)
+        elif self.fold_bn is not False:
             folds = {c: b for c, b in pairs.items() if f"{c}.weight" in self.targets}
         self._bns = [m for m in pl_module.modules() if isinstance(m, BN_TYPES)]
         if self.layers is not None:
@@ -249,6 +296,19 @@ class QATCallback(ConfiguredCallback):
             quantize_output=self.quantize_output,
         )
         self.layers.install()
+
+    def _check_sharable(self, pl_module: nn.Module) -> None:
+        """Fails fast where no codebook can fit: groups that do not divide a layer's output
+        channels, or a group with fewer weights than centroids even before pruning."""
+        for name, bits in self.targets.items():
+            shape = layout_for_name(pl_module, name).canonical(pl_module.get_parameter(name)).shape
+            check_groups(name, shape, self.groups)
+            per_group = shape.numel() // self.groups
+            if per_group < 2**bits:
+                raise ValueError(
+                    f"QATCallback: {name} has {per_group} weights per codebook (`groups`="
+                    f"{self.groups}), fewer than the {2**bits} centroids of `bits`={bits}"
+                )
 
     def remove(self, pl_module: nn.Module | None = None) -> None:
         """Takes the quantization off the model: it computes with its float weights again.
@@ -295,6 +355,21 @@ class QATCallback(ConfiguredCallback):
             )
             assert self._step_optimizer is not None
             self._step_optimizer.load_state_dict(state["step_optimizer"])
+        if "shared" in state:
+            unknown = sorted(set(state["shared"]) - set(self.targets))
+            if unknown:
+                raise ValueError(
+                    f"the checkpoint holds QATCallback codebooks for {unknown}, which this "
+                    f"callback does not share (layers: {sorted(self.targets)})"
+                )
+            shared = {}
+            for name, layer_state in state["shared"].items():
+                weight = self.layers.folded_weight(*split_name(name))[0]
+                shared[name] = SharedWeight.from_state(layer_state, weight.shape, weight.device)
+            self._init_codebooks(shared)
+            assert self._codebook_optimizer is not None
+            self._codebook_optimizer.load_state_dict(state["codebook_optimizer"])
+            self._last_refresh = state.get("last_refresh")
 
     def _phase(self, step: int, training: bool) -> None:
         assert self.layers is not None
@@ -318,6 +393,79 @@ class QATCallback(ConfiguredCallback):
         assert self.layers is not None
         self.layers.steps = {n: s.detach().clone().requires_grad_(True) for n, s in steps.items()}
         self._step_optimizer = torch.optim.Adam(list(self.layers.steps.values()), lr=self.lsq_lr)
+
+    def _side_steps(self, trainer: pl.Trainer) -> None:
+        """After each step of the model's optimizer: the callback's own parameters' steps."""
+        self._step_sizes(trainer)
+        self._step_codebooks(trainer)
+
+    def _share(self, trainer: pl.Trainer) -> None:
+        """Clusters at ``start`` and re-assigns every ``refresh`` steps (``scheme="kmeans"``)."""
+        layers = self.layers
+        if self.scheme != "kmeans" or layers is None or not layers.enabled:
+            return
+        step = trainer.global_step
+        if not layers.shared:
+            self._init_codebooks(self._broadcast(trainer, self._cluster()))
+            self._last_refresh = step
+            rank_zero_only(log.info)(
+                "QATCallback: step %d: %d layers clustered into %s centroids (%d per layer)",
+                step,
+                len(self.targets),
+                sorted({2**b for b in self.targets.values()}),
+                self.groups,
+            )
+            return
+        every = self._steps.get("refresh")
+        if every is None or step == self._last_refresh or (step - self._steps["start"]) % every:
+            return
+        with torch.no_grad():
+            self.reassigned = {
+                name: shared.refresh(layers.folded_weight(*split_name(name))[0])
+                for name, shared in layers.shared.items()
+            }
+        self._broadcast(trainer, layers.shared)
+        self._last_refresh = step
+        metrics = {f"qat/reassigned/{n}": f for n, f in self.reassigned.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _cluster(self) -> dict[str, SharedWeight]:
+        assert self.layers is not None
+        return {
+            name: SharedWeight.cluster(
+                self.layers.folded_weight(*split_name(name))[0], bits, self.groups, name
+            )
+            for name, bits in self.targets.items()
+        }
+
+    @staticmethod
+    def _broadcast(trainer: pl.Trainer, shared: dict[str, SharedWeight]) -> dict[str, SharedWeight]:
+        """Every rank takes rank 0's codebooks and assignments (in place)."""
+        if trainer.world_size <= 1:
+            return shared
+        payload = {n: (s.codebook.detach().cpu(), s.indices.cpu()) for n, s in shared.items()}
+        payload = trainer.strategy.broadcast(payload, src=0)
+        with torch.no_grad():
+            for name, (codebook, indices) in payload.items():
+                shared[name].codebook.copy_(codebook)
+                shared[name].indices.copy_(indices)
+        return shared
+
+    def _init_codebooks(self, shared: dict[str, SharedWeight]) -> None:
+        assert self.layers is not None
+        self.layers.shared = shared
+        self._codebook_optimizer = torch.optim.Adam(
+            [s.codebook for s in shared.values()], lr=self.kmeans_lr
+        )
+
+    def _step_codebooks(self, trainer: pl.Trainer) -> None:
+        """One Adam step on the centroids (their gradients: Deep Compression's sums)."""
+        if self.layers is None or not self.layers.shared or self._codebook_optimizer is None:
+            return
+        averaged_step(
+            trainer, self._codebook_optimizer, [s.codebook for s in self.layers.shared.values()]
+        )
 
     def _step_sizes(self, trainer: pl.Trainer) -> None:
         """One Adam step on the learned step sizes, after each step of the model's optimizer."""
@@ -365,6 +513,8 @@ class QATCallback(ConfiguredCallback):
             if state is not None:
                 self.load_state_dict(state)
                 self._restore()
+            if self.scheme == "kmeans" and not self.layers.shared:
+                self._init_codebooks(self._cluster())  # no state: cluster the weights as they are
             self.layers.enabled = True
             self.record = self.convert()
         finally:
@@ -388,11 +538,15 @@ class QATCallback(ConfiguredCallback):
         metrics: dict[str, float] = {}
         with torch.no_grad():
             for name, bits in self.targets.items():
+                metrics[f"qat/bits/{name}"] = float(bits)
+                shared = self.layers.shared.get(name)
+                if shared is not None:
+                    metrics.update(_centroid_metrics(name, shared.codebook.detach()))
+                    continue
                 weight, _ = self.layers.folded_weight(*split_name(name))
                 step = self.layers.steps.get(name)
                 scale = weight_scale(weight, bits) if step is None else step.detach()
                 limit = weight_qmax(bits) * channel_view(scale, weight)
-                metrics[f"qat/bits/{name}"] = float(bits)
                 metrics[f"qat/scale_mean/{name}"] = float(scale.mean())
                 # Weights beyond the largest integer (LSQ steps can clip; range scales cannot).
                 metrics[f"qat/clipped/{name}"] = float(
@@ -410,3 +564,54 @@ class QATCallback(ConfiguredCallback):
             len(self.targets),
             sorted(set(self.targets.values())),
         )
+
+    def _log_histograms(self, trainer: pl.Trainer) -> None:
+        """Under W&B: each shared layer's non-zero weights as a histogram, centroids marked."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or self.layers is None or not self.layers.shared:
+            return
+        images = {}
+        for name, shared in self.layers.shared.items():
+            weight = self.layers.folded_weight(*split_name(name))[0].detach()
+            images[f"qat/centroids/{name}"] = _histogram_image(
+                weight[weight != 0],
+                shared.codebook.detach(),
+                f"{name} at step {trainer.global_step}",
+            )
+        for logger in loggers:
+            logger.experiment.log(images, step=trainer.global_step)
+
+
+# Up to this many centroids are logged one by one; larger codebooks by their range alone.
+LOGGED_CENTROIDS = 16
+
+
+def _centroid_metrics(name: str, codebook: torch.Tensor) -> dict[str, float]:
+    metrics = {
+        f"qat/centroid_min/{name}": float(codebook.min()),
+        f"qat/centroid_max/{name}": float(codebook.max()),
+    }
+    if codebook.numel() <= LOGGED_CENTROIDS:
+        ordered = codebook.reshape(-1).sort().values.tolist()
+        metrics.update({f"qat/centroid/{name}/{i}": v for i, v in enumerate(ordered)})
+    return metrics
+
+
+def _histogram_image(values: torch.Tensor, codebook: torch.Tensor, title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import wandb
+
+    figure, axes = plt.subplots(figsize=(6, 3))
+    axes.hist(values.float().cpu().numpy(), bins=100, color="0.6")
+    for centroid in codebook.reshape(-1).unique().tolist()[: LOGGED_CENTROIDS * 16]:
+        axes.axvline(centroid, color="tab:red", linewidth=0.8)
+    axes.set_title(title)
+    axes.set_xlabel("weight (red: centroids)")
+    image = wandb.Image(figure)
+    plt.close(figure)
+    return image

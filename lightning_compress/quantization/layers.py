@@ -29,9 +29,11 @@ from lightning_compress.quantization.fake import (
     fake_quant_weight,
     lsq_fake_quant_weight,
 )
+from lightning_compress.quantization.kmeans import SharedWeight
 from lightning_compress.quantization.record import (
     ActivationRange,
     CompressionRecord,
+    LayerRecord,
     QuantizedLayer,
 )
 
@@ -110,6 +112,8 @@ class FakeQuantLayers:
             {m: ActivationObserver(bits=activations) for m in self.by_module} if activations else {}
         )
         self.steps: dict[str, torch.Tensor] = {}  # learned step sizes (method "lsq"), by weight
+        # Weight sharing (scheme "kmeans"), by weight: these compute with their codebooks.
+        self.shared: dict[str, SharedWeight] = {}
         self.enabled = False  # weights (and outputs) fake-quantized
         self.observing = False  # observers take this batch's range
         self.batch_ranges: dict[str, torch.Tensor] = {}  # per layer: (-min, max) of the batch
@@ -175,6 +179,9 @@ class FakeQuantLayers:
         """The fake-quantized value of a targeted weight, as the forward uses it."""
         name = f"{module_name}.{leaf}" if module_name else leaf
         weight, fold = self.folded_weight(module_name, leaf)
+        shared = self.shared.get(name)
+        if shared is not None:  # never folded: BN folding is refused for shared layers
+            return self.layout(name).uncanonical(shared(weight))
         step = self.steps.get(name)
         if step is None:
             quantized = fake_quant_weight(weight, self.bits[name])
@@ -199,14 +206,19 @@ class FakeQuantLayers:
 
         Returns:
             One :class:`QuantizedLayer` per targeted weight (BatchNorm fold divided out of the
-            scale, the owning layer's activation range where observed), named in ``model``.
+            scale, the owning layer's activation range where observed), or a
+            :class:`~lightning_compress.quantization.SharedLayer` for a shared one, named in
+            ``model``.
         """
-        layers = []
+        layers: list[LayerRecord] = []
         for name, bits in self.bits.items():
             owner, leaf = split_name(name)
             weight, fold = self.folded_weight(owner, leaf)
             observer = self.observers.get(owner) if self.quantizes_output(owner) else None
             activation = None if observer is None else ActivationRange.from_observer(observer)
+            if name in self.shared:
+                layers.append(self.shared[name].record(name, weight, activation))
+                continue
             layers.append(
                 QuantizedLayer.from_weight(
                     name, weight, bits, step=self.steps.get(name), fold=fold, activation=activation

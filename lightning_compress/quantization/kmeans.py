@@ -1,0 +1,316 @@
+"""Weight sharing with trained k-means codebooks (Han, Mao, Dally 2016, "Deep Compression").
+
+A shared layer keeps a small codebook per group of consecutive output channels and, per weight,
+the index (uint8) of its centroid; weights that are exact zeros (pruned) are not clustered and
+stay exactly zero. The forward computes with ``codebook[group, index]`` where the dense weight is
+non-zero, and 0 where it is zero, so a weight a pruning callback zeroes later leaves the mask at
+once, in either callback order.
+
+Training follows Deep Compression: the gradient of a centroid is the sum of the gradients of the
+weights assigned to it; the dense weight receives the same gradient straight through, so it keeps
+training and a refresh (nearest centroid per weight) can move it to another cluster.
+
+Memory: nothing per weight beyond the uint8 index is kept (no one-hot or soft assignment matrix,
+DKM's memory problem). The forward and backward run over row chunks, so the temporaries of the
+gather (int32 indices, the zero mask) are bounded by the chunk, not by the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lightning_compress.quantization.record import ActivationRange, SharedLayer
+
+# Elements per chunk of the gather/scatter loops: the int32 indices and the zero mask of one
+# chunk stay in the cache, and their memory is bounded whatever the layer's size.
+CHUNK = 1 << 18
+KMEANS_ITERS = 50
+
+
+def _row_chunks(rows: int, per_row: int) -> list[slice]:
+    step = max(1, CHUNK // max(per_row, 1))
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """1-D k-means (Lloyd) with linear initialisation over ``[min, max]`` (Deep Compression's
+    best initialisation: it keeps centroids for the rare large weights).
+
+    Deterministic: same values, same centroids. A centroid that loses all its weights stays
+    where it is. In 1-D the centroids stay sorted.
+
+    Args:
+        values: The weights to cluster (1-D, at least ``k`` of them).
+        k: Number of centroids.
+        iters: Most Lloyd iterations (it stops earlier at a fixed point).
+
+    Returns:
+        float32 [k] centroids, ascending.
+
+    Raises:
+        ValueError: Fewer values than centroids.
+    """
+    if values.numel() < k:
+        raise ValueError(f"kmeans_1d: {k} centroids need at least {k} values, got {values.numel()}")
+    values = values.detach().reshape(-1).float()
+    lo, hi = float(values.min()), float(values.max())
+    centroids = torch.linspace(lo, hi, k, dtype=torch.float32, device=values.device)
+    for _ in range(iters):
+        assign = nearest(values, centroids)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.bincount(assign, weights=values, minlength=k)
+        means = sums / counts.clamp_min(1).to(sums.dtype)
+        updated = torch.where(counts > 0, means.float(), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of each value's nearest centroid (``centroids`` in any order), int64.
+
+    Ties go to the lower of the two sorted centroids, the same on every run.
+    """
+    ordered, order = torch.sort(centroids.detach().float(), stable=True)
+    bounds = (ordered[1:] + ordered[:-1]) / 2
+    position = torch.bucketize(values.detach().float(), bounds, right=False)
+    return order[position]
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packs uint8 indices in ``[0, 2**bits)`` at ``bits`` bits each, little-endian, into a flat
+    uint8 tensor of ``ceil(n * bits / 8)`` bytes (the checkpoint's form of the assignments).
+
+    Raises:
+        ValueError: ``bits`` outside [1, 8] or indices that need more bits.
+    """
+    if not 1 <= bits <= 8 or indices.dtype != torch.uint8:
+        raise ValueError(f"pack_indices: need uint8 indices and `bits` in [1, 8], got {bits}")
+    flat = indices.detach().reshape(-1).cpu()
+    if flat.numel() and int(flat.max()) >= 2**bits:
+        raise ValueError(f"pack_indices: an index needs more than {bits} bits")
+    if bits == 8:
+        return flat.clone()
+    shifts = torch.arange(bits, dtype=torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+    out = []
+    per_chunk = CHUNK  # a multiple of 8, so each chunk's bits fill whole bytes
+    for start in range(0, flat.numel(), per_chunk):
+        chunk = flat[start : start + per_chunk]
+        stream = ((chunk[:, None] >> shifts) & 1).reshape(-1)
+        pad = (-stream.numel()) % 8
+        if pad:
+            stream = torch.cat([stream, stream.new_zeros(pad)])
+        out.append((stream.view(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8))
+    return torch.cat(out) if out else flat.new_zeros(0)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: uint8 indices of ``shape``.
+
+    Raises:
+        ValueError: ``packed`` is not the size ``shape`` needs at ``bits`` bits.
+    """
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (n * bits + 7) // 8:
+        raise ValueError(
+            f"unpack_indices: need {(n * bits + 7) // 8} uint8 bytes for {tuple(shape)} at "
+            f"{bits} bits, got {packed.dtype} [{packed.numel()}]"
+        )
+    if bits == 8:
+        return packed.reshape(shape).clone()
+    shifts = torch.arange(8, dtype=torch.uint8)
+    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32)
+    out = []
+    per_chunk = CHUNK * bits // 8  # bytes holding CHUNK indices
+    for start in range(0, packed.numel(), per_chunk):
+        stream = ((packed[start : start + per_chunk, None] >> shifts) & 1).reshape(-1)
+        usable = stream.numel() // bits * bits
+        values = (stream[:usable].view(-1, bits).to(torch.int32) * weights).sum(1)
+        out.append(values.to(torch.uint8))
+    return torch.cat(out)[:n].reshape(shape)
+
+
+def _flat_indices(indices: torch.Tensor, rows: slice, per_group: int, levels: int) -> torch.Tensor:
+    """int32 indices of ``rows`` into the flattened [groups * levels] codebook."""
+    idx = indices[rows].reshape(rows.stop - rows.start, -1).to(torch.int32)
+    if per_group < indices.shape[0]:  # more than one codebook
+        group = torch.arange(rows.start, rows.stop, device=idx.device) // per_group
+        idx += (group * levels).to(torch.int32)[:, None]
+    return idx
+
+
+class _SharedWeight(torch.autograd.Function):
+    """``codebook[group, index]`` where ``weight != 0``, else 0.
+
+    Backward (Deep Compression): the weight gets the gradient straight through where it is not
+    zero; each centroid gets the sum of the gradients of the weights assigned to it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, weight: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        groups, levels = codebook.shape
+        rows = weight.shape[0]
+        per_group = rows // groups
+        flat_codebook = codebook.detach().reshape(-1).to(weight.dtype)
+        w = weight.detach().reshape(rows, -1)
+        out = torch.empty_like(w)
+        for chunk in _row_chunks(rows, w.shape[1]):
+            idx = _flat_indices(indices, chunk, per_group, levels)
+            values = flat_codebook.index_select(0, idx.reshape(-1)).view_as(idx)
+            out[chunk] = values.masked_fill_(w[chunk] == 0, 0)
+        ctx.save_for_backward(weight, indices)
+        ctx.shape = (groups, levels)
+        return out.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        weight, indices = ctx.saved_tensors
+        groups, levels = ctx.shape
+        rows = weight.shape[0]
+        per_group = rows // groups
+        w = weight.detach().reshape(rows, -1)
+        grad_weight = grad.reshape(rows, -1).clone()
+        grad_codebook = torch.zeros(groups * levels, dtype=torch.float32, device=grad.device)
+        for chunk in _row_chunks(rows, w.shape[1]):
+            g = grad_weight[chunk].masked_fill_(w[chunk] == 0, 0)
+            if groups == 1:
+                idx = indices[chunk].reshape(-1)  # uint8 goes to bincount as it is
+            else:
+                idx = _flat_indices(indices, chunk, per_group, levels).reshape(-1)
+            grad_codebook += torch.bincount(
+                idx, weights=g.reshape(-1).float(), minlength=groups * levels
+            )
+        return grad_weight.view_as(weight), grad_codebook.view(groups, levels), None
+
+
+class SharedWeight:
+    """One layer's codebooks (trained) and assignments (uint8, refreshed on a schedule).
+
+    The weight it is applied to is in canonical layout (output channels on dim 0); groups are
+    consecutive output channels. Build one with :meth:`cluster` or :meth:`from_state`.
+
+    Args:
+        codebook: float32 [groups, 2**bits], a leaf that requires grad.
+        indices: uint8 of the weight's shape (0 where the weight is zero).
+        bits: Index bits, 1 to 8.
+    """
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, bits: int) -> None:
+        self.codebook = codebook
+        self.indices = indices
+        self.bits = bits
+
+    @property
+    def groups(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @classmethod
+    @torch.no_grad()
+    def cluster(
+        cls, weight: torch.Tensor, bits: int, groups: int = 1, name: str = "weight"
+    ) -> SharedWeight:
+        """Clusters each group's non-zero weights into ``2**bits`` centroids (linear init).
+
+        Args:
+            weight: The layer's weight, output channels on dim 0.
+            bits: Index bits, 1 to 8.
+            groups: Codebooks per layer; must divide the output channels.
+            name: The weight's name, for messages.
+
+        Raises:
+            ValueError: ``groups`` does not divide the output channels, or a group has fewer
+                surviving (non-zero) weights than centroids.
+        """
+        check_groups(name, weight.shape, groups)
+        levels = 2**bits
+        rows = weight.shape[0]
+        w = weight.detach().reshape(groups, -1)
+        codebook = torch.zeros(groups, levels, dtype=torch.float32, device=weight.device)
+        indices = torch.zeros(groups, w.shape[1], dtype=torch.uint8, device=weight.device)
+        for g in range(groups):
+            alive = w[g] != 0
+            survivors = w[g][alive]
+            if survivors.numel() < levels:
+                where = (
+                    f"group {g} of {groups} (output channels {g * rows // groups} to "
+                    f"{(g + 1) * rows // groups - 1})"
+                    if groups > 1
+                    else "the layer"
+                )
+                raise ValueError(
+                    f"{name}: {levels} centroids ({bits} bits) need at least {levels} non-zero "
+                    f"weights in {where}, got {survivors.numel()}; lower `bits` or `groups`"
+                )
+            codebook[g] = kmeans_1d(survivors, levels)
+            indices[g][alive] = nearest(survivors, codebook[g]).to(torch.uint8)
+        return cls(codebook.requires_grad_(True), indices.view(weight.shape), bits)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight the forward computes with: each non-zero weight's centroid."""
+        return _SharedWeight.apply(weight.contiguous(), self.codebook, self.indices)
+
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weights that take part: those that are not exact zeros."""
+        return weight.detach() != 0
+
+    @torch.no_grad()
+    def refresh(self, weight: torch.Tensor) -> float:
+        """Re-assigns each non-zero weight to its nearest centroid (of its group).
+
+        Returns:
+            The fraction of the non-zero weights whose centroid changed.
+        """
+        w = weight.detach().reshape(self.groups, -1)
+        indices = self.indices.view(self.groups, -1)
+        changed = alive_total = 0
+        for g in range(self.groups):
+            alive = w[g] != 0
+            new = nearest(w[g][alive], self.codebook[g]).to(torch.uint8)
+            changed += int((indices[g][alive] != new).sum())
+            alive_total += int(alive.sum())
+            fresh = torch.zeros_like(indices[g])
+            fresh[alive] = new
+            indices[g] = fresh
+        return changed / max(alive_total, 1)
+
+    def record(
+        self, name: str, weight: torch.Tensor, activation: ActivationRange | None = None
+    ) -> SharedLayer:
+        """The export record: codebook, indices (0 at zeros), mask, on the CPU."""
+        mask = self.mask(weight).cpu()
+        indices = self.indices.detach().cpu().masked_fill(~mask, 0)
+        codebook = self.codebook.detach().float().cpu().clone()
+        return SharedLayer(name, codebook, indices, mask, self.bits, activation)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Codebook and assignments packed at ``bits`` per index (tensors and ints only)."""
+        return {
+            "codebook": self.codebook.detach().cpu().clone(),
+            "indices": pack_indices(self.indices, self.bits),
+            "bits": self.bits,
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], shape: tuple[int, ...], device: torch.device | str = "cpu"
+    ) -> SharedWeight:
+        """Rebuilds a layer's codebook and assignments from :meth:`state_dict`."""
+        bits = int(state["bits"])
+        indices = unpack_indices(state["indices"], bits, tuple(shape)).to(device)
+        codebook = state["codebook"].float().to(device).clone().requires_grad_(True)
+        return cls(codebook, indices, bits)
+
+
+def check_groups(name: str, shape: tuple[int, ...] | torch.Size, groups: int) -> None:
+    """Raises unless ``groups`` divides the output channels (dim 0 of ``shape``)."""
+    if shape[0] % groups:
+        raise ValueError(
+            f"`groups`={groups} must divide the output channels of {name} ({shape[0]})"
+        )
