@@ -9,6 +9,7 @@ from lightning_compress.ops.bitmask import pack_bits, unpack_bits
 from lightning_compress.ops.dyn_linear import bitmask_dyn_linear, block_dyn_linear
 from lightning_compress.ops.fake_quant import fake_quant_rows
 from lightning_compress.ops.flips import flip_count_, masked_noise_
+from lightning_compress.ops.lut import lut_sparse_linear
 from lightning_compress.ops.packed import hugepage_copy, int_linear, sparse_int_linear
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "flip_count_",
     "hugepage_copy",
     "int_linear",
+    "lut_sparse_linear",
     "masked_noise_",
     "pack_bits",
     "sparse_int_linear",

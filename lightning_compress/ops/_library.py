@@ -41,6 +41,11 @@ SCHEMAS: tuple[str, ...] = (
         "int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, int bits, "
         "float act_scale=0., int act_zero_point=0, int act_qmax=255) -> Tensor"
     ),
+    (
+        "lut_sparse_linear(Tensor x, Tensor row_ptr, Tensor col, Tensor idx, Tensor codebook, "
+        "int group_rows, Tensor? bias, int in_features, float act_scale=0., "
+        "int act_zero_point=0, int act_qmax=255) -> Tensor"
+    ),
     "hugepage_copy(Tensor t) -> Tensor",
     (
         "bitmask_dyn_linear(Tensor x, Tensor row_ptr, Tensor mask, Tensor values, Tensor row_sum, "
