@@ -11,6 +11,12 @@ Tensors:
 - ``packed/<layer>/first/...`` and ``packed/<layer>/second/...``  the two factors of a low-rank
   layer (``first @ second`` is its canonical [N, K] matrix, rank R): ``weight`` float32 [N, R]
   and [R, K], or ``qweight`` (dense, as above) with ``scale`` [N] and [R], one per factor row;
+- ``packed/<layer>/codebook`` float32 [groups, 2**bits], ``packed/<layer>/indices`` (uint8, an
+  entropy-coded stream, :mod:`lightning_compress.export.entropy`) and, unless every weight
+  survived, the Rice-coded ``unary`` and ``low`` positions: a weight-sharing layer
+  (:class:`~lightning_compress.quantization.SharedLayer`). The stream holds one codebook index
+  per surviving weight, row-major; the weight at output row ``r`` is
+  ``codebook[r // (N // groups), index]``, every other weight exactly 0;
 - ``state/<key>``  every other entry of the model's state dict, as it was (BatchNorm statistics,
   embeddings, layers left uncompressed in fp32).
 
@@ -18,7 +24,8 @@ The safetensors header's ``__metadata__`` (strings only) holds ``format``
 (``"lightning-compress"``), ``format_version``, ``layers`` (a JSON table: name, kind, module type,
 the module's weight shape and its (out, in) axes, the canonical matrix shape, bits, layout,
 counts, convolution geometry, activation range; for kind ``"lowrank"`` the rank and bits, null
-for fp32 factors, instead of layout and counts), ``unpacked`` (a JSON list of every other
+for fp32 factors, instead of layout and counts; for kind ``"shared"`` the index bits and
+groups with layout and counts), ``unpacked`` (a JSON list of every other
 weight-bearing layer: name, type and the reason it is kept fp32; absent in artifacts written
 before it existed) and ``checksum``: SHA-256 over the table, the list and every tensor's name,
 dtype, shape and bytes. Loading parses the header itself, reads tensors with safetensors (which
@@ -38,9 +45,10 @@ new record class and one packer. Low-rank factors
 (:class:`~lightning_compress.lowrank.record.LowRankLayer`) come in a second record and reload as
 :class:`~lightning_compress.export.modules.PackedLowRank`.
 
-Version 2 added low-rank layers. An artifact without them is still written as version 1, so
-releases that read only version 1 keep reading it; one with them is version 2, which those
-releases refuse by its version (asking for an upgrade) rather than as a corrupted file.
+Version 2 added low-rank layers, version 3 weight-sharing layers. An artifact is written with the
+oldest version that holds its layers (1 without either, 2 with low-rank layers only), so older
+releases keep reading what they can; one they cannot read they refuse by its version (asking for
+an upgrade) rather than as a corrupted file.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from lightning_compress.export import positions
+from lightning_compress.export import entropy, positions
 from lightning_compress.export.latency import (
     LatencyTable,
     LayerSpec,
@@ -89,13 +97,15 @@ from lightning_compress.quantization import (
     LayerRecord,
     QuantizedLayer,
     RecordSource,
+    SharedLayer,
     pack_int4,
     unpack_int4,
 )
 
 FORMAT = "lightning-compress"
-FORMAT_VERSION = 2  # the newest version this reads and writes
-_PLAIN_VERSION = 1  # written for artifacts without low-rank layers (see the module docstring)
+FORMAT_VERSION = 3  # the newest version this reads and writes
+# The version each kind of layer needs (see the module docstring); integer layers need 1.
+_KIND_VERSION = {"lowrank": 2, "shared": 3}
 SPARSE_MAX_DENSITY = 0.5  # layers with at most this share of non-zero integers are stored sparse
 _MAX_HEADER = 100 << 20
 _DROPPED = " (its record is not stored)"  # appended to an unpacked layer's reason
@@ -296,9 +306,7 @@ def pack(
     unpacked_json = json.dumps([asdict(r) for r in rows], separators=(",", ":"))
     metadata = {
         "format": FORMAT,
-        "format_version": str(
-            FORMAT_VERSION if any(e["kind"] == "lowrank" for e in table) else _PLAIN_VERSION
-        ),
+        "format_version": str(max((_KIND_VERSION.get(e["kind"], 1) for e in table), default=1)),
         "layers": layers_json,
         "unpacked": unpacked_json,
         "checksum": checksum(layers_json, tensors, unpacked_json),
@@ -370,45 +378,99 @@ def _pack_integers(
 
     The integers are in the canonical (out, in, *kernel) order of the module's layout.
     """
-    layout = _layout(module)
-    canonical = layout.canonical_shape(tuple(module.weight.shape))
-    if tuple(layer.values.shape) != canonical:
-        raise ValueError(
-            f"{layer.name}: the record's integers have shape {tuple(layer.values.shape)}, the "
-            f"weight's canonical (out, in, *kernel) shape is {canonical} (weight "
-            f"{tuple(module.weight.shape)} of a {type(module).__name__})"
-        )
+    q2d = _canonical_matrix(module, layer, layer.values, "integers")
     prefix = f"packed/{name}/"
-    q2d = layer.values.reshape(layer.values.shape[0], -1)
     flat = q2d.reshape(-1)
     nz = flat.nonzero().reshape(-1)
     sparse = nz.numel() <= SPARSE_MAX_DENSITY * max(flat.numel(), 1)
     kind = packed_kind(module)
-    entry: dict[str, Any] = {
-        "name": name,
-        "kind": kind,
-        "module": type(module).__name__,
-        "weight_shape": list(module.weight.shape),
-        "axes": [layout.out_axis, layout.in_axis],
-        "shape": list(q2d.shape),
-        "bits": layer.bits,
-        "layout": "sparse" if sparse else "dense",
-        "nnz": int(nz.numel()),
-        "bias": module.bias is not None,
-    }
+    entry = _entry(name, module, kind, q2d.shape)
+    entry.update(bits=layer.bits, layout="sparse" if sparse else "dense", nnz=int(nz.numel()))
+    entry["bias"] = module.bias is not None
     if kind == "conv2d":
         entry["conv"] = conv_params(module)
     values = flat[nz] if sparse else flat
     tensors[prefix + ("values" if sparse else "qweight")] = _stored(values, layer.bits)
     if sparse:
-        unary, low, k, unary_bits = positions.encode(nz)
-        tensors[prefix + "unary"], tensors[prefix + "low"] = unary, low
-        entry.update(k=k, unary_bits=unary_bits)
+        _store_positions(prefix, nz, entry, tensors)
     tensors[prefix + "scale"] = layer.scale.float().contiguous().cpu()
     if module.bias is not None:
         tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
     entry["act"] = _act_entry(layer.activation)
     return entry
+
+
+@packer(SharedLayer)
+def _pack_shared(
+    name: str, module: nn.Module, layer: SharedLayer, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """A codebook per group of output channels and one index per surviving weight.
+
+    The indices of the weights ``layer.mask`` keeps, row-major in the canonical (out, in,
+    *kernel) order, are Huffman-coded (:mod:`lightning_compress.export.entropy`); their
+    positions are Rice-coded as a sparse integer layer's are, unless every weight survived
+    (layout ``"dense"``).
+    """
+    indices = _canonical_matrix(module, layer, layer.indices, "indices")
+    mask = layer.mask.reshape(indices.shape)
+    prefix = f"packed/{name}/"
+    nz = mask.reshape(-1).nonzero().reshape(-1)
+    sparse = nz.numel() < mask.numel()
+    entry = _entry(name, module, "shared", indices.shape)
+    entry.update(
+        bits=layer.bits,
+        groups=layer.groups,
+        layout="sparse" if sparse else "dense",
+        nnz=int(nz.numel()),
+        bias=module.bias is not None,
+    )
+    if packed_kind(module) == "conv2d":
+        entry["conv"] = conv_params(module)
+    tensors[prefix + "codebook"] = layer.codebook.detach().float().cpu().contiguous()
+    tensors[prefix + "indices"] = entropy.encode(indices.reshape(-1)[nz], 2**layer.bits)
+    if sparse:
+        _store_positions(prefix, nz, entry, tensors)
+    if module.bias is not None:
+        tensors[prefix + "bias"] = module.bias.detach().float().contiguous().cpu()
+    entry["act"] = _act_entry(layer.activation)
+    return entry
+
+
+def _canonical_matrix(
+    module: nn.Module, layer: LayerRecord, values: torch.Tensor, what: str
+) -> torch.Tensor:
+    """A record's per-weight ``values`` as the (out, in * kernel) matrix, checked to have the
+    weight's canonical (out, in, *kernel) shape."""
+    canonical = _layout(module).canonical_shape(tuple(module.weight.shape))
+    if tuple(values.shape) != canonical:
+        raise ValueError(
+            f"{layer.name}: the record's {what} have shape {tuple(values.shape)}, the "
+            f"weight's canonical (out, in, *kernel) shape is {canonical} (weight "
+            f"{tuple(module.weight.shape)} of a {type(module).__name__})"
+        )
+    return values.reshape(values.shape[0], -1)
+
+
+def _entry(name: str, module: nn.Module, kind: str, shape: torch.Size) -> dict[str, Any]:
+    """The layer table fields every kind has: what the module is and its canonical matrix."""
+    layout = _layout(module)
+    return {
+        "name": name,
+        "kind": kind,
+        "module": type(module).__name__,
+        "weight_shape": list(module.weight.shape),
+        "axes": [layout.out_axis, layout.in_axis],
+        "shape": list(shape),
+    }
+
+
+def _store_positions(
+    prefix: str, nz: torch.Tensor, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Rice-codes the flat positions ``nz`` (:mod:`lightning_compress.export.positions`)."""
+    unary, low, k, unary_bits = positions.encode(nz)
+    tensors[prefix + "unary"], tensors[prefix + "low"] = unary, low
+    entry.update(k=k, unary_bits=unary_bits)
 
 
 @packer(LowRankLayer)
@@ -426,18 +488,8 @@ def _pack_factors(
             f"(out, in * kernel) matrix is {matrix} (weight {tuple(module.weight.shape)} of a "
             f"{type(module).__name__})"
         )
-    layout = _layout(module)
-    entry: dict[str, Any] = {
-        "name": name,
-        "kind": "lowrank",
-        "module": type(module).__name__,
-        "weight_shape": list(module.weight.shape),
-        "axes": [layout.out_axis, layout.in_axis],
-        "shape": list(matrix),
-        "rank": layer.rank,
-        "bits": layer.bits,
-        "bias": module.bias is not None,
-    }
+    entry = _entry(name, module, "lowrank", matrix)
+    entry.update(rank=layer.rank, bits=layer.bits, bias=module.bias is not None)
     if packed_kind(module) == "conv2d":
         entry["conv"] = conv_params(module)
     prefix = f"packed/{name}/"
@@ -575,14 +627,7 @@ def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
         )
     values = unpack_int4(stored, (count,)) if container == 4 else stored
     if sparse:
-        flat = positions.decode(
-            tensors[prefix + "unary"],
-            tensors[prefix + "low"],
-            int(entry["k"]),
-            int(entry["unary_bits"]),
-            nnz,
-            n * k,
-        )
+        flat = _decode_positions(entry, tensors, nnz, n * k)
         q = torch.zeros(n * k, dtype=torch.int8)
         q[flat] = values
         q = q.view(n, k)
@@ -595,6 +640,63 @@ def _decode_layer(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
     if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
         raise ValueError("bias does not match the layer table")
     return {"q": q, "scale": scale, "bias": bias, "bits": container, "sparse": sparse}
+
+
+def _decode_positions(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], count: int, numel: int
+) -> torch.Tensor:
+    """The ``count`` Rice-coded flat positions of a sparse entry, each below ``numel``."""
+    prefix = f"packed/{entry['name']}/"
+    return positions.decode(
+        tensors[prefix + "unary"],
+        tensors[prefix + "low"],
+        int(entry["k"]),
+        int(entry["unary_bits"]),
+        count,
+        numel,
+    )
+
+
+def _decode_shared(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A weight-sharing layer's weight [N, K] (each survivor its centroid, exactly) and bias.
+
+    Everything is checked against the layer table: the bits, the codebook's groups and size,
+    the coded stream (:func:`lightning_compress.export.entropy.decode`), that every index lies
+    in the codebook, the positions, and the bias.
+    """
+    prefix = f"packed/{entry['name']}/"
+    n, k = (int(v) for v in entry["shape"])
+    bits, groups, nnz = int(entry["bits"]), int(entry["groups"]), int(entry["nnz"])
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unsupported index bits {bits} (1 to 8 are read)")
+    levels = 2**bits
+    if not 1 <= groups <= n or n % groups:
+        raise ValueError(f"{groups} codebook groups do not divide the {n} output channels")
+    codebook = tensors[prefix + "codebook"]
+    if codebook.dtype != torch.float32 or tuple(codebook.shape) != (groups, levels):
+        raise ValueError(
+            f"codebook is {codebook.dtype} {list(codebook.shape)}, the table ({bits} bits, "
+            f"{groups} groups) says float32 {[groups, levels]}"
+        )
+    sparse = entry["layout"] == "sparse"
+    if not 0 <= nnz <= n * k or (not sparse and nnz != n * k):
+        raise ValueError(f"{nnz} surviving weights do not fit a {entry['layout']} [{n}, {k}]")
+    try:
+        index = entropy.decode(tensors[prefix + "indices"], count=nnz).long()
+    except ValueError as err:
+        raise ValueError(f"indices: {err}") from None
+    if nnz and int(index.max()) >= levels:
+        raise ValueError(
+            f"indices point past the codebook's {levels} entries (index {int(index.max())})"
+        )
+    flat = _decode_positions(entry, tensors, nnz, n * k) if sparse else torch.arange(n * k)
+    group = torch.div(flat, k, rounding_mode="floor") // (n // groups)
+    weight = torch.zeros(n * k, dtype=torch.float32)
+    weight[flat] = codebook[group, index]
+    bias = tensors.get(prefix + "bias")
+    if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
+        raise ValueError("bias does not match the layer table")
+    return {"weight": weight.view(n, k), "bias": bias}
 
 
 def load_into(
@@ -631,8 +733,9 @@ def load_into(
 
     Returns:
         ``model`` itself, now running the compiled kernels. With ``batch_size``, each packed
-        layer's ``impl`` names its implementation and ``latency_ms`` the milliseconds measured
-        for each candidate.
+        layer's ``impl`` names its implementation, ``latency_ms`` the milliseconds measured
+        (or, by a predicting table, predicted) for each candidate, and ``latency_spec`` the
+        :class:`~lightning_compress.export.latency.LayerSpec` they are for.
 
     Raises:
         ArtifactError: A bad file, or a model whose layers or state do not match it.
@@ -684,7 +787,7 @@ def load_into(
         )
         cold = packed_bytes > last_level_cache_bytes()
         for entry in art.layers:
-            if entry["kind"] != "lowrank":
+            if entry["kind"] not in _SINGLE_IMPLEMENTATION:
                 name = entry["name"]
                 replacements[name] = _fastest(
                     entry,
@@ -787,19 +890,68 @@ def _fastest(
     new.train(module.training)
     new.impl = best
     new.latency_ms = times
+    new.latency_spec = layer
     return new
 
 
 def _float_module(module: nn.Module, packed: nn.Module) -> nn.Module:
     """A copy of ``module`` holding ``packed``'s dequantized weight: the layer fp32 runs fastest
     as itself, without a packed module's call in between."""
+    return _plain_module(module, packed.weight, packed.bias)
+
+
+def _plain_module(module: nn.Module, matrix: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A copy of ``module`` whose weight is the canonical (out, in * kernel) ``matrix``."""
     plain = copy.deepcopy(module)
     layout = _layout(module)
     with torch.no_grad():
-        plain.weight = nn.Parameter(layout.from_matrix(packed.weight, module.weight.shape))
+        plain.weight = nn.Parameter(layout.from_matrix(matrix, module.weight.shape))
         if module.bias is not None:
-            plain.bias = nn.Parameter(packed.bias.clone())
+            plain.bias = nn.Parameter(bias.clone())
     return plain
+
+
+# How a weight-sharing layer computes (the ``impl`` of :func:`_shared_module`):
+#   fp32  the weight decoded once at load (each weight its centroid) in the plain float layer
+SHARED_IMPLEMENTATIONS = ("fp32",)
+# Kinds with one implementation, which load_into(batch_size=) does not time.
+_SINGLE_IMPLEMENTATION = ("lowrank", "shared")
+
+
+def _shared_module(
+    entry: dict[str, Any], tensors: dict[str, torch.Tensor], module: nn.Module, impl: str = "fp32"
+) -> nn.Module:
+    """The inference module of a weight-sharing layer, computing with the codebook's values.
+
+    Args:
+        entry: The layer's table entry (kind ``"shared"``).
+        tensors: The artifact's tensors.
+        module: The layer it replaces (its architecture).
+        impl: One of :data:`SHARED_IMPLEMENTATIONS`.
+
+    Raises:
+        ValueError: An unknown ``impl``; a corrupted layer (:func:`_decode_shared`).
+    """
+    if impl not in SHARED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`impl` must be one of {SHARED_IMPLEMENTATIONS} for a weight-sharing layer, "
+            f"got {impl!r}"
+        )
+    parts = _decode_shared(entry, tensors)
+    weight, bias = parts["weight"], parts["bias"]
+    act = entry.get("act")
+    if act is None:
+        return _plain_module(module, weight, bias)
+    # Trained with 8-bit outputs: the packed module's fp32 path, which fake-quantizes its output
+    # with the recorded range, holding the decoded weight.
+    conv = "conv" in entry
+    cls = PackedConv2d if conv else PackedLinear
+    extra = {"conv": entry["conv"]} if conv else {}
+    n, k = weight.shape
+    ones = torch.ones(n, dtype=torch.float32)
+    new = cls(torch.zeros(n, k, dtype=torch.int8), ones, bias, 8, False, act, impl="fp32", **extra)
+    new.weight.copy_(weight)
+    return new
 
 
 def _packed_module(
@@ -811,6 +963,8 @@ def _packed_module(
     """The inference module of one layer table entry (validated against ``module``'s shape)."""
     if entry["kind"] == "lowrank":
         return _lowrank_module(entry, tensors, _matrix_shape(module))
+    if entry["kind"] == "shared":
+        return _shared_module(entry, tensors, module)
     parts = _decode_layer(entry, tensors)
     conv = entry["kind"] == "conv2d"
     cls = PackedConv2d if conv else PackedLinear
@@ -872,7 +1026,7 @@ def _lowrank_module(
 
 def _base_kind(entry: dict[str, Any]) -> str:
     """The packed kind of the module an entry replaces: "conv2d" or "linear"."""
-    if entry["kind"] == "lowrank":
+    if entry["kind"] in ("lowrank", "shared"):
         return "conv2d" if "conv" in entry else "linear"
     return entry["kind"]
 
@@ -883,7 +1037,9 @@ def _check_fits(where: Path, name: str, module: nn.Module | None, entry: dict[st
     kind = _base_kind(entry)
     if module is None or reason is not None or packed_kind(module) != kind:
         found = "nothing" if module is None else type(module).__name__
-        what = f"low-rank {kind}" if entry["kind"] == "lowrank" else kind
+        what = {"lowrank": f"low-rank {kind}", "shared": f"weight-sharing {kind}"}.get(
+            entry["kind"], kind
+        )
         raise ArtifactError(
             f"{where}: layer {name!r} is a {what} in the artifact, {found} in the model"
             + (f" ({reason})" if reason else "")
@@ -921,8 +1077,13 @@ def _device_of(module: nn.Module) -> torch.device:
 class LayerRow:
     """One packed layer of a :class:`Report`.
 
-    ``bits`` is 32 for fp32 low-rank factors; ``rank`` is set for low-rank layers only, whose
-    ``fp32_bytes`` are those of the dense fp32 weight (and bias) the factors replace.
+    ``bits`` is 32 for fp32 low-rank factors and the index bits of a weight-sharing layer;
+    ``rank`` is set for low-rank layers only, whose ``fp32_bytes`` are those of the dense fp32
+    weight (and bias) the factors replace. ``bits_per_weight`` is what the weight costs in the
+    file (its bytes, positions, scales or codebook included, bias excluded) per entry of the
+    dense weight. Weight-sharing layers only: ``codebook`` is (groups, entries per group),
+    ``index_entropy`` the empirical entropy of the stored indices and ``index_bits`` their coded
+    size (the whole stream, its header included), both in bits per index.
     """
 
     name: str
@@ -934,6 +1095,10 @@ class LayerRow:
     fp32_bytes: int
     type: str = ""
     rank: int | None = None
+    bits_per_weight: float = 0.0
+    codebook: tuple[int, int] | None = None
+    index_entropy: float | None = None
+    index_bits: float | None = None
 
 
 @dataclass
@@ -961,16 +1126,18 @@ class Report:
         types = max([6, *(len(r.type) for r in self.layers)])
         lines = [
             f"{'layer':<{width}} {'module':<{types}} {'kind':<7} {'layout':<7} {'bits':>4} "
-            f"{'rank':>5} {'sparsity':>9} {'bytes':>10} {'fp32 bytes':>11}"
+            f"{'rank':>5} {'sparsity':>9} {'bytes':>10} {'fp32 bytes':>11} {'bits/w':>7}"
         ]
         for r in self.layers:
             rank = "-" if r.rank is None else str(r.rank)
             lines.append(
                 f"{r.name:<{width}} {r.type:<{types}} {r.kind:<7} {r.layout:<7} {r.bits:>4} "
-                f"{rank:>5} {100 * r.sparsity:8.2f}% {r.bytes:>10,} {r.fp32_bytes:>11,}"
+                f"{rank:>5} {100 * r.sparsity:8.2f}% {r.bytes:>10,} {r.fp32_bytes:>11,} "
+                f"{r.bits_per_weight:7.3f}"
             )
         other = "other state (fp32 as stored)"
         lines.append(f"{other:<{width + types + 38}} {self.other_bytes:>10,}")
+        lines += _shared_lines(self.layers)
         lines += _kept_lines(self.unpacked)
         # A tiny model's file (header, positions, scales) can outweigh its fp32 tensors.
         size = (
@@ -985,6 +1152,21 @@ class Report:
         return "\n".join(lines)
 
 
+def _shared_lines(layers: list[LayerRow]) -> list[str]:
+    shared = [r for r in layers if r.codebook is not None]
+    if not shared:
+        return []
+    names = max(len(r.name) for r in shared)
+    lines = [f"weight-sharing layers: {len(shared)} (index entropy against coded size, bits/index)"]
+    for r in shared:
+        groups, entries = r.codebook
+        lines.append(
+            f"  {r.name:<{names}}  codebook {groups} x {entries}  entropy {r.index_entropy:.3f}"
+            f"  coded {r.index_bits:.3f}  ({r.bits_per_weight:.3f} bits/weight)"
+        )
+    return lines
+
+
 def _kept_lines(unpacked: list[UnpackedLayer] | None) -> list[str]:
     if unpacked is None:
         return ["layers kept fp32: not recorded (an artifact from an older version)"]
@@ -996,17 +1178,24 @@ def _kept_lines(unpacked: list[UnpackedLayer] | None) -> list[str]:
 
 
 def report(path: str | os.PathLike) -> Report:
-    """Reads an artifact and tabulates, per layer, layout, bits, sparsity and bytes (for a
-    low-rank layer its rank, and the dense fp32 bytes its factors replace), and the
-    weight-bearing layers kept fp32 with the reason."""
+    """Reads an artifact and tabulates, per layer, layout, bits, bits per weight, sparsity and
+    bytes (for a low-rank layer its rank, and the dense fp32 bytes its factors replace; for a
+    weight-sharing layer its codebook size and the entropy of its indices against their coded
+    size), and the weight-bearing layers kept fp32 with the reason.
+
+    Raises:
+        ArtifactError: As :func:`read`; a weight-sharing layer whose coded indices do not
+            decode.
+    """
     art = read(path)
     rows = []
     fp32 = 0
     for entry in art.layers:
         prefix = f"packed/{entry['name']}/"
-        nbytes = sum(
-            t.numel() * t.element_size() for k, t in art.tensors.items() if k.startswith(prefix)
-        )
+        sizes = {
+            k: t.numel() * t.element_size() for k, t in art.tensors.items() if k.startswith(prefix)
+        }
+        nbytes = sum(sizes.values())
         n, k = entry["shape"]
         dense = n * k * 4 + (n * 4 if entry["bias"] else 0)
         fp32 += dense
@@ -1017,20 +1206,37 @@ def report(path: str | os.PathLike) -> Report:
         else:
             bits, layout, rank = int(entry["bits"]), entry["layout"], None
             sparsity = 1.0 - int(entry["nnz"]) / max(n * k, 1)
-        rows.append(
-            LayerRow(
-                entry["name"],
-                entry["kind"],
-                layout,
-                bits,
-                sparsity,
-                nbytes,
-                dense,
-                entry.get("module", ""),
-                rank,
-            )
+        weight_bits = 8 * (nbytes - sizes.get(prefix + "bias", 0)) / max(n * k, 1)
+        row = LayerRow(
+            entry["name"],
+            entry["kind"],
+            layout,
+            bits,
+            sparsity,
+            nbytes,
+            dense,
+            entry.get("module", ""),
+            rank,
+            weight_bits,
         )
+        if entry["kind"] == "shared":
+            _index_statistics(art.path, entry, art.tensors[prefix + "indices"], row)
+        rows.append(row)
     other = [t for k, t in art.tensors.items() if k.startswith("state/")]
     other_bytes = sum(t.numel() * t.element_size() for t in other)
     fp32 += sum(t.numel() * 4 for t in other)
     return Report(art.path, art.size, fp32, rows, other_bytes, art.unpacked)
+
+
+def _index_statistics(
+    where: Path, entry: dict[str, Any], stream: torch.Tensor, row: LayerRow
+) -> None:
+    """Fills a weight-sharing row's codebook size, index entropy and coded bits per index."""
+    levels = 2 ** int(entry["bits"])
+    try:
+        index = entropy.decode(stream, count=int(entry["nnz"]))
+    except ValueError as err:
+        raise ArtifactError(f"{where}: layer {entry['name']!r} is corrupted: {err}") from None
+    row.codebook = (int(entry["groups"]), levels)
+    row.index_entropy = entropy.entropy(index, levels)
+    row.index_bits = 8 * stream.numel() / max(index.numel(), 1)

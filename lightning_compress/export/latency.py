@@ -355,3 +355,129 @@ def choose(
     if prefer in times and times[best] > (1.0 - margin) * times[prefer]:
         best = prefer
     return best, times
+
+
+def _run(model: nn.Module, example: Any) -> Any:
+    if isinstance(example, dict):
+        return model(**example)
+    if isinstance(example, tuple | list):
+        return model(*example)
+    return model(example)
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """One packed layer in a :class:`ModelLatency`: its implementation, the milliseconds the
+    latency table gave for it (measured alone, or predicted) and those it took in the model."""
+
+    name: str
+    impl: str
+    predicted_ms: float
+    measured_ms: float
+
+
+@dataclass(frozen=True)
+class ModelLatency:
+    """Predicted against measured latency of a model ``load_into(..., batch_size=...)`` loaded.
+
+    ``predicted_ms`` is the sum of the packed layers' table times; ``measured_ms`` the whole
+    model's median forward, ``packed_ms`` the part of it spent in the packed layers (the rest is
+    the layers that were not packed, activations, and Python).
+    """
+
+    layers: tuple[LayerLatency, ...]
+    predicted_ms: float
+    measured_ms: float
+    packed_ms: float
+    cold: bool
+
+    def __str__(self) -> str:
+        width = max([24, *(len(r.name) for r in self.layers)])
+        lines = [f"{'layer':<{width}} {'impl':<9} {'predicted ms':>12} {'measured ms':>12}"]
+        lines += [
+            f"{r.name:<{width}} {r.impl:<9} {r.predicted_ms:>12.3f} {r.measured_ms:>12.3f}"
+            for r in self.layers
+        ]
+        error = self.predicted_ms / max(self.packed_ms, 1e-12) - 1
+        lines.append(
+            f"{'packed layers':<{width}} {'':<9} {self.predicted_ms:>12.3f} "
+            f"{self.packed_ms:>12.3f}  ({100 * error:+.1f}%)"
+        )
+        lines.append(
+            f"{'whole model':<{width}} {'':<9} {'':>12} {self.measured_ms:>12.3f}"
+            f"  ({'cold' if self.cold else 'warm'} cache)"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def model_latency(model: nn.Module, example: Any, reps: int = 7) -> ModelLatency:
+    """Times ``model`` on ``example`` (a tensor, a tuple of positional arguments or a dict of
+    keyword arguments) in eval mode, and each of its packed layers inside it, against what the
+    latency table said when ``load_into(..., batch_size=...)`` chose their implementations.
+
+    Median of ``reps`` forwards after two warm-ups; the last-level cache is flushed before each
+    where the layers were measured cold.
+
+    Raises:
+        ValueError: ``model`` has no layer loaded with ``batch_size`` (nothing was predicted).
+    """
+    chosen = {n: m for n, m in model.named_modules() if hasattr(m, "latency_spec")}
+    if not chosen:
+        raise ValueError(
+            "the model has no layer loaded by load_into(..., batch_size=...): nothing to "
+            "compare the measured latency with"
+        )
+    cold = any(m.latency_spec.cold for m in chosen.values())
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def before(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            started[name] = time.perf_counter()
+
+        return hook
+
+    def after(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - started[name]
+
+        return hook
+
+    handles = [
+        h
+        for n, m in chosen.items()
+        for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))
+    ]
+    flush = torch.ones(2 * last_level_cache_bytes() // 4) if cold else None
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    totals: list[float] = []
+    per_layer: dict[str, list[float]] = {n: [] for n in chosen}
+    try:
+        for rep in range(reps + 2):
+            if flush is not None:
+                flush.sum()
+            spent.clear()
+            start = time.perf_counter()
+            _run(model, example)
+            if rep >= 2:
+                totals.append(time.perf_counter() - start)
+                for n in chosen:
+                    per_layer[n].append(spent.get(n, 0.0))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    layers = tuple(
+        LayerLatency(n, m.impl, m.latency_ms[m.impl], 1e3 * statistics.median(per_layer[n]))
+        for n, m in chosen.items()
+    )
+    return ModelLatency(
+        layers,
+        sum(r.predicted_ms for r in layers),
+        1e3 * statistics.median(totals),
+        sum(r.measured_ms for r in layers),
+        cold,
+    )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_compress.export import load_into, pack
-from lightning_compress.export.latency import LatencyTable, LayerSpec, machine
+from lightning_compress.export.latency import LatencyTable, LayerSpec, machine, model_latency
 from lightning_compress.export.modules import (
     IMPLEMENTATIONS,
     PackedConv2d,
@@ -267,3 +267,21 @@ def test_calibrate_measures_a_grid_once_cold():
     table.calibrate(specs, build, ["fp32", "kernel"])
     assert len(built) == 4 and len(table.entries) == 4
     assert all(v > 0 for v in table.entries.values())
+
+
+def test_model_latency_sets_predictions_against_the_model_as_it_runs(tmp_path):
+    model = pruned(LeNet300100(), 0.8)
+    path = pack(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="no layer loaded by load_into"):
+        model_latency(load_into(copy.deepcopy(model), path), torch.randn(2, 1, 28, 28))
+    packed = load_into(copy.deepcopy(model), path, batch_size=2, latency=fixed_table("kernel"))
+    packed.train()
+    timed = model_latency(packed, torch.randn(2, 1, 28, 28), reps=3)
+    assert [r.name for r in timed.layers] == ["fc1", "fc2", "fc3"]
+    assert all(r.impl == "kernel" and r.predicted_ms == 0.5 for r in timed.layers)
+    assert timed.predicted_ms == 1.5 and not timed.cold
+    assert 0 < timed.packed_ms <= timed.measured_ms
+    assert all(r.measured_ms > 0 for r in timed.layers)
+    text = str(timed)
+    assert "fc2" in text and "whole model" in text and "warm cache" in text
+    assert all(m.training for m in packed.modules())  # modes restored
