@@ -275,6 +275,18 @@ def _parse(stream: torch.Tensor) -> StreamInfo:
     if len(data) < _HEAD.size:
         raise ValueError(f"coded stream truncated: {len(data)} bytes, shorter than its header")
     magic, version, alphabet, longest, lane, count, bits, crc = _HEAD.unpack_from(data)
+    lanes = -(-count // lane) if lane else 0
+    nlengths = (alphabet + 1) // 2
+    want = _HEAD.size + nlengths + 2 * max(lanes - 1, 0) + (bits + 7) // 8
+    # The CRC first: whatever byte is wrong, the error says the stream is corrupted (or cut).
+    if zlib.crc32(data[_HEAD.size :], zlib.crc32(data[:_CRC_AT])) != crc:
+        if len(data) != want:
+            what = "truncated" if len(data) < want else "has trailing bytes"
+            raise ValueError(
+                f"coded stream {what} or corrupted: {len(data)} bytes, its header says {want}, "
+                "and its CRC-32 does not match"
+            )
+        raise ValueError("coded stream corrupted: CRC-32 mismatch")
     if magic != MAGIC:
         raise ValueError("not a coded stream (bad magic)")
     if version != VERSION:
@@ -284,14 +296,9 @@ def _parse(stream: torch.Tensor) -> StreamInfo:
             f"corrupted coded stream header (alphabet {alphabet}, lane {lane}, "
             f"longest code {longest})"
         )
-    lanes = -(-count // lane)
-    nlengths = (alphabet + 1) // 2
-    want = _HEAD.size + nlengths + 2 * max(lanes - 1, 0) + (bits + 7) // 8
     if len(data) != want:
         what = "truncated" if len(data) < want else "has trailing bytes"
         raise ValueError(f"coded stream {what}: {len(data)} bytes, its header says {want}")
-    if zlib.crc32(data[_HEAD.size :], zlib.crc32(data[:_CRC_AT])) != crc:
-        raise ValueError("coded stream corrupted: CRC-32 mismatch")
     raw = np.frombuffer(data, dtype=np.uint8, count=nlengths, offset=_HEAD.size)
     lengths = np.stack([raw >> 4, raw & 15], axis=1).reshape(-1)[:alphabet].astype(np.int64)
     check_lengths(lengths)
