@@ -3,10 +3,12 @@ import json
 import struct
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
+from lightning_compress import PruneCallback, QATCallback
 from lightning_compress.export import ArtifactError, PackedLinear, load_into, pack, read, report
 from lightning_compress.export import entropy as coder
 from lightning_compress.export.artifact import FORMAT, FORMAT_VERSION, _shared_module, checksum
@@ -18,6 +20,7 @@ from lightning_compress.quantization import (
 )
 from lightning_compress.zoo import LeNet5, LeNet300100
 
+from ..helpers import TinyMLP, make_trainer
 from .test_pack import assert_unchanged, fp32_bytes, pruned, snapshot
 
 # Deep Compression's LeNet-300-100: the share of each layer's weights kept.
@@ -297,3 +300,23 @@ def test_a_record_of_the_wrong_shape_is_refused_at_pack(tmp_path):
     layer = kmeans("fc1.weight", model.fc1.weight.t().contiguous(), 4)
     with pytest.raises(ValueError, match="the record's indices have shape"):
         pack(model, tmp_path / "x.safetensors", qat=CompressionRecord([layer]))
+
+
+@pytest.mark.parametrize("activations", [None, 8])
+def test_a_model_trained_with_kmeans_sharing_reloads_with_its_predictions(tmp_path, activations):
+    pl.seed_everything(0)
+    model = TinyMLP()
+    prune = PruneCallback(sparsity=0.5, schedule="oneshot", start=0, scope="layer")
+    qat = QATCallback(bits=2, scheme="kmeans", start=2, activations=activations)
+    make_trainer(tmp_path, [prune, qat], max_steps=8).fit(model)
+    assert {layer.kind for layer in qat.record.values()} == {"codebook"}
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        trained = model(x)  # after fit the model computes with its codebooks
+    path = pack(model, tmp_path / "k.safetensors", qat=qat)
+    assert {e["kind"] for e in read(path).layers} == {"shared"}
+    loaded = load_into(TinyMLP(), path)
+    assert isinstance(loaded.fc1, nn.Linear if activations is None else PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained, rtol=0, atol=1e-6)
+        assert torch.equal(loaded(x).argmax(1), trained.argmax(1))
