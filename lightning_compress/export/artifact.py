@@ -245,7 +245,9 @@ def pack(
             :class:`~lightning_compress.quantization.CompressionRecord` named as in ``model``
             or in a module ``model`` is part of: its integers, scales (BatchNorm folded) and
             activation ranges are stored, so the packed model computes what the fake-quantized
-            model computed. Layers it did not quantize stay fp32.
+            model computed; a weight-sharing layer (``scheme="kmeans"``, a
+            :class:`~lightning_compress.quantization.SharedLayer`) is stored as its codebook and
+            Huffman-coded indices. Layers it did not quantize stay fp32.
         bits: Without ``qat``: per-channel post-training quantization of every packable layer to
             8 or 4 bits; None leaves them fp32. Low-rank layers are not affected: their
             record's bits decide.
@@ -720,7 +722,10 @@ def load_into(
             implementation measured fastest on this machine for its shape, sparsity and that
             batch (:mod:`lightning_compress.export.latency`): one whose fp32 product is fastest
             computes in fp32 from its dequantized weight, the artifact being the same. None:
-            every layer runs the compiled kernels with fp32 activations.
+            every layer runs the compiled kernels with fp32 activations. Either way a
+            weight-sharing layer is decoded once, each weight its centroid, into the plain
+            float layer (a packed module in its fp32 implementation where its outputs were
+            trained 8-bit), so it computes with the codebook's exact values.
         example: An input of ``model`` (a tensor, a tuple of positional arguments or a dict of
             keyword arguments), run once in eval mode to learn each packed layer's input shape
             (sequence lengths, image sizes); the first dimension is taken as the batch. Needed
