@@ -26,24 +26,32 @@ from lightning_compress.quantization.record import ActivationRange, SharedLayer
 
 # Elements per chunk of the gather/scatter loops: the int32 indices and the zero mask of one
 # chunk stay in the cache, and their memory is bounded whatever the layer's size.
-CHUNK = 1 << 18
+CHUNK = 1 << 20
 KMEANS_ITERS = 50
 
 
-def _row_chunks(rows: int, per_row: int) -> list[slice]:
-    step = max(1, CHUNK // max(per_row, 1))
-    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+def _row_chunks(rows: int, per_row: int, groups: int = 1) -> list[tuple[int, slice]]:
+    """(group, rows) pairs of at most about ``CHUNK`` elements, never across two groups."""
+    per_group = rows // groups
+    step = max(1, min(per_group, CHUNK // max(per_row, 1)))
+    return [
+        (g, slice(r, min(r + step, (g + 1) * per_group)))
+        for g in range(groups)
+        for r in range(g * per_group, (g + 1) * per_group, step)
+    ]
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
     """1-D k-means (Lloyd) with linear initialisation over ``[min, max]`` (Deep Compression's
     best initialisation: it keeps centroids for the rare large weights).
 
-    Deterministic: same values, same centroids. A centroid that loses all its weights stays
-    where it is. In 1-D the centroids stay sorted.
+    In 1-D each cluster is an interval of the sorted values, so the values are sorted once and
+    an iteration is a binary search per centroid plus a sum per interval: exact Lloyd, with no
+    per-value assignment tensor. Deterministic: same values, same centroids. A centroid that
+    loses all its values stays where it is; the centroids stay sorted.
 
     Args:
-        values: The weights to cluster (1-D, at least ``k`` of them).
+        values: The weights to cluster (any shape, at least ``k`` of them).
         k: Number of centroids.
         iters: Most Lloyd iterations (it stops earlier at a fixed point).
 
@@ -55,30 +63,44 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.
     """
     if values.numel() < k:
         raise ValueError(f"kmeans_1d: {k} centroids need at least {k} values, got {values.numel()}")
-    values = values.detach().reshape(-1).float()
-    lo, hi = float(values.min()), float(values.max())
-    centroids = torch.linspace(lo, hi, k, dtype=torch.float32, device=values.device)
+    ordered = _sorted(values.detach().reshape(-1).float())
+    lo, hi = float(ordered[0]), float(ordered[-1])
+    centroids = torch.linspace(lo, hi, k, dtype=torch.float64)
     for _ in range(iters):
-        assign = nearest(values, centroids)
-        counts = torch.bincount(assign, minlength=k)
-        sums = torch.bincount(assign, weights=values, minlength=k)
-        means = sums / counts.clamp_min(1).to(sums.dtype)
-        updated = torch.where(counts > 0, means.float(), centroids)
+        bounds = (centroids[1:] + centroids[:-1]) / 2
+        # Values up to a bound (inclusive) go to the lower centroid, as `nearest` has it.
+        ends = torch.searchsorted(ordered, bounds.to(ordered), right=True).tolist()
+        edges = [0, *ends, ordered.numel()]
+        updated = centroids.clone()
+        for i in range(k):
+            if edges[i + 1] > edges[i]:
+                segment = ordered[edges[i] : edges[i + 1]]
+                # torch's cascade summation keeps float32 accurate here (and 6x faster)
+                updated[i] = float(segment.sum()) / segment.numel()
         if torch.equal(updated, centroids):
             break
         centroids = updated
-    return centroids
+    return centroids.float().to(values.device)
+
+
+def _sorted(values: torch.Tensor) -> torch.Tensor:
+    """Ascending copy of a 1-D tensor; on the CPU without torch.sort's int64 indices."""
+    if values.device.type == "cpu":
+        array = values.numpy().copy()
+        array.sort()  # values only: equal values are interchangeable, any algorithm is exact
+        return torch.from_numpy(array)
+    return torch.sort(values).values
 
 
 def nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of each value's nearest centroid (``centroids`` in any order), int64.
+    """Index of each value's nearest centroid (``centroids`` in any order), int32.
 
     Ties go to the lower of the two sorted centroids, the same on every run.
     """
     ordered, order = torch.sort(centroids.detach().float(), stable=True)
     bounds = (ordered[1:] + ordered[:-1]) / 2
-    position = torch.bucketize(values.detach().float(), bounds, right=False)
-    return order[position]
+    position = torch.bucketize(values.detach().float(), bounds, right=False, out_int32=True)
+    return order.to(torch.int32)[position]
 
 
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
@@ -135,15 +157,6 @@ def unpack_indices(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> t
     return torch.cat(out)[:n].reshape(shape)
 
 
-def _flat_indices(indices: torch.Tensor, rows: slice, per_group: int, levels: int) -> torch.Tensor:
-    """int32 indices of ``rows`` into the flattened [groups * levels] codebook."""
-    idx = indices[rows].reshape(rows.stop - rows.start, -1).to(torch.int32)
-    if per_group < indices.shape[0]:  # more than one codebook
-        group = torch.arange(rows.start, rows.stop, device=idx.device) // per_group
-        idx += (group * levels).to(torch.int32)[:, None]
-    return idx
-
-
 class _SharedWeight(torch.autograd.Function):
     """``codebook[group, index]`` where ``weight != 0``, else 0.
 
@@ -155,39 +168,36 @@ class _SharedWeight(torch.autograd.Function):
     def forward(
         ctx: Any, weight: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
-        groups, levels = codebook.shape
+        groups = codebook.shape[0]
         rows = weight.shape[0]
-        per_group = rows // groups
-        flat_codebook = codebook.detach().reshape(-1).to(weight.dtype)
+        books = codebook.detach().to(weight.dtype)
         w = weight.detach().reshape(rows, -1)
+        idx = indices.view(rows, -1)
         out = torch.empty_like(w)
-        for chunk in _row_chunks(rows, w.shape[1]):
-            idx = _flat_indices(indices, chunk, per_group, levels)
-            values = flat_codebook.index_select(0, idx.reshape(-1)).view_as(idx)
-            out[chunk] = values.masked_fill_(w[chunk] == 0, 0)
+        for g, chunk in _row_chunks(rows, w.shape[1], groups):
+            values = books[g].index_select(0, idx[chunk].reshape(-1).to(torch.int32))
+            torch.mul(values.view(-1, w.shape[1]), w[chunk] != 0, out=out[chunk])
         ctx.save_for_backward(weight, indices)
-        ctx.shape = (groups, levels)
+        ctx.groups, ctx.levels = groups, codebook.shape[1]
         return out.view_as(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         weight, indices = ctx.saved_tensors
-        groups, levels = ctx.shape
+        groups = ctx.groups
         rows = weight.shape[0]
-        per_group = rows // groups
         w = weight.detach().reshape(rows, -1)
-        grad_weight = grad.reshape(rows, -1).clone()
-        grad_codebook = torch.zeros(groups * levels, dtype=torch.float32, device=grad.device)
-        for chunk in _row_chunks(rows, w.shape[1]):
-            g = grad_weight[chunk].masked_fill_(w[chunk] == 0, 0)
-            if groups == 1:
-                idx = indices[chunk].reshape(-1)  # uint8 goes to bincount as it is
-            else:
-                idx = _flat_indices(indices, chunk, per_group, levels).reshape(-1)
-            grad_codebook += torch.bincount(
-                idx, weights=g.reshape(-1).float(), minlength=groups * levels
+        idx = indices.view(rows, -1)
+        grad = grad.reshape(rows, -1)
+        grad_weight = torch.empty_like(grad)
+        grad_codebook = torch.zeros(groups, ctx.levels, dtype=torch.float32, device=grad.device)
+        for g, chunk in _row_chunks(rows, w.shape[1], groups):
+            masked = torch.mul(grad[chunk], w[chunk] != 0, out=grad_weight[chunk])
+            # uint8 indices go to bincount as they are: no wider copy.
+            grad_codebook[g] += torch.bincount(
+                idx[chunk].reshape(-1), weights=masked.reshape(-1).float(), minlength=ctx.levels
             )
-        return grad_weight.view_as(weight), grad_codebook.view(groups, levels), None
+        return grad_weight.view_as(weight), grad_codebook, None
 
 
 class SharedWeight:
@@ -233,10 +243,8 @@ class SharedWeight:
         rows = weight.shape[0]
         w = weight.detach().reshape(groups, -1)
         codebook = torch.zeros(groups, levels, dtype=torch.float32, device=weight.device)
-        indices = torch.zeros(groups, w.shape[1], dtype=torch.uint8, device=weight.device)
         for g in range(groups):
-            alive = w[g] != 0
-            survivors = w[g][alive]
+            survivors = w[g][w[g] != 0]
             if survivors.numel() < levels:
                 where = (
                     f"group {g} of {groups} (output channels {g * rows // groups} to "
@@ -249,8 +257,11 @@ class SharedWeight:
                     f"weights in {where}, got {survivors.numel()}; lower `bits` or `groups`"
                 )
             codebook[g] = kmeans_1d(survivors, levels)
-            indices[g][alive] = nearest(survivors, codebook[g]).to(torch.uint8)
-        return cls(codebook.requires_grad_(True), indices.view(weight.shape), bits)
+            del survivors
+        indices = torch.zeros(weight.shape, dtype=torch.uint8, device=weight.device)
+        shared = cls(codebook.requires_grad_(True), indices, bits)
+        shared.refresh(weight)
+        return shared
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the forward computes with: each non-zero weight's centroid."""
@@ -267,18 +278,17 @@ class SharedWeight:
         Returns:
             The fraction of the non-zero weights whose centroid changed.
         """
-        w = weight.detach().reshape(self.groups, -1)
-        indices = self.indices.view(self.groups, -1)
-        changed = alive_total = 0
-        for g in range(self.groups):
-            alive = w[g] != 0
-            new = nearest(w[g][alive], self.codebook[g]).to(torch.uint8)
-            changed += int((indices[g][alive] != new).sum())
-            alive_total += int(alive.sum())
-            fresh = torch.zeros_like(indices[g])
-            fresh[alive] = new
-            indices[g] = fresh
-        return changed / max(alive_total, 1)
+        rows = weight.shape[0]
+        w = weight.detach().reshape(rows, -1)
+        indices = self.indices.view(rows, -1)
+        changed = alive = 0
+        for g, chunk in _row_chunks(rows, w.shape[1], self.groups):
+            zero = w[chunk] == 0
+            fresh = nearest(w[chunk], self.codebook[g]).to(torch.uint8).masked_fill_(zero, 0)
+            changed += int(((fresh != indices[chunk]) & ~zero).sum())
+            alive += zero.numel() - int(zero.sum())
+            indices[chunk] = fresh
+        return changed / max(alive, 1)
 
     def record(
         self, name: str, weight: torch.Tensor, activation: ActivationRange | None = None
