@@ -172,16 +172,28 @@ LC_AVX512 inline void load_codebook(const float* lut, __m512* cb) {
   for (int i = 0; i < (C + 15) / 16; ++i) cb[i] = _mm512_load_ps(lut + 16 * i);
 }
 
+// 32 nibble indices (non-zeros j .. j+31, j even) from 16 bytes, as two vectors of 16 lanes.
+LC_AVX512 inline void load_index32(const uint8_t* idx, int64_t j, __m512i& first,
+                                   __m512i& second) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j / 2));
+  const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+  first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+  second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(low, high));
+}
+
+// 64 non-zeros per step with four accumulators: one prefetch per cache line of the col and
+// index streams, not one per vector (prefetches take the load ports the gathers of x need).
 template <typename Idx, int C>
 LC_AVX512 float lut_row_dot_avx512(const float* x, const Idx* col, const uint8_t* idx,
                                    const float* lut, int64_t begin, int64_t end) {
   constexpr int64_t kAhead = 1024;  // non-zeros prefetched ahead in the col/index streams
-  constexpr int64_t kIdxAhead = C <= 16 ? kAhead / 2 : kAhead;
+  constexpr int64_t kColLine = 64 / static_cast<int64_t>(sizeof(Idx));
   if (begin == end) return 0.0f;
   __m512 cb[(C + 15) / 16];
   load_codebook<C>(lut, cb);
-  __m512 acc0 = _mm512_setzero_ps();
-  __m512 acc1 = _mm512_setzero_ps();
+  __m512 acc[4];
+  for (auto& a : acc) a = _mm512_setzero_ps();
   int64_t j = begin;
   if (C <= 16 && (j & 1)) {
     // A row starting mid-byte: one block from the even position before it, lane 0 left out.
@@ -190,27 +202,36 @@ LC_AVX512 float lut_row_dot_avx512(const float* x, const Idx* col, const uint8_t
     const __m512 g =
         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_cols(col, j, m), x, 4);
     const __m512 w = lookup<C>(cb, load_index<C>(idx, j, m | 1));
-    acc0 = _mm512_mask3_fmadd_ps(w, g, acc0, m);
+    acc[0] = _mm512_mask3_fmadd_ps(w, g, acc[0], m);
     j += 16;
   }
   const __mmask16 all = 0xFFFF;
-  for (; j + 32 <= end; j += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead + 16), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(idx + (C <= 16 ? j / 2 : j) + kIdxAhead),
-                 _MM_HINT_T0);
-    const __m512 g0 = _mm512_i32gather_ps(load_cols(col, j, all), x, 4);
-    const __m512 g1 = _mm512_i32gather_ps(load_cols(col, j + 16, all), x, 4);
-    acc0 = _mm512_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, all)), g0, acc0);
-    acc1 = _mm512_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j + 16, all)), g1, acc1);
+  for (; j + 64 <= end; j += 64) {
+    for (int64_t line = 0; line < 64; line += kColLine) {
+      _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead + line), _MM_HINT_T0);
+    }
+    const int64_t ahead = C <= 16 ? (j + kAhead) / 2 : j + kAhead;
+    _mm_prefetch(reinterpret_cast<const char*>(idx + ahead), _MM_HINT_T0);
+    __m512i index[4];
+    if constexpr (C <= 16) {
+      load_index32(idx, j, index[0], index[1]);
+      load_index32(idx, j + 32, index[2], index[3]);
+    } else {
+      for (int u = 0; u < 4; ++u) index[u] = load_index<C>(idx, j + 16 * u, all);
+    }
+    for (int u = 0; u < 4; ++u) {
+      const __m512 g = _mm512_i32gather_ps(load_cols(col, j + 16 * u, all), x, 4);
+      acc[u] = _mm512_fmadd_ps(lookup<C>(cb, index[u]), g, acc[u]);
+    }
   }
   for (; j < end; j += 16) {
     const __mmask16 m = lanes(end - j);
     const __m512 g =
         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_cols(col, j, m), x, 4);
-    acc0 = _mm512_mask3_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, m)), g, acc0, m);
+    acc[0] = _mm512_mask3_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, m)), g, acc[0], m);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  return _mm512_reduce_add_ps(
+      _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
 // Weights and x offsets (col * ld) of non-zeros [a, e), a even, into w and off from index 0.
@@ -231,7 +252,13 @@ LC_AVX512 void lut_decode_avx512(const Idx* col, const uint8_t* idx, const float
 // decoded weights and offsets: one broadcast and V FMAs per non-zero, U non-zeros in flight.
 template <int V, int U>
 LC_AVX512 void tile_fma_avx512(const float* xt, const float* w, const int32_t* off, int64_t len,
-                               __m512 (&acc)[U][V]) {
+                               __m512 (&sums)[U][V]) {
+  // A local copy stays in registers; through the reference every FMA would be stored back
+  // (the compiler cannot rule out that the reference aliases x or the weights).
+  __m512 acc[U][V];
+  for (int u = 0; u < U; ++u) {
+    for (int v = 0; v < V; ++v) acc[u][v] = sums[u][v];
+  }
   int64_t j = 0;
   for (; j + U <= len; j += U) {
     for (int u = 0; u < U; ++u) {
@@ -248,6 +275,9 @@ LC_AVX512 void tile_fma_avx512(const float* xt, const float* w, const int32_t* o
     for (int v = 0; v < V; ++v) {
       acc[0][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(row + 16 * v), acc[0][v]);
     }
+  }
+  for (int u = 0; u < U; ++u) {
+    for (int v = 0; v < V; ++v) sums[u][v] = acc[u][v];
   }
 }
 
@@ -410,7 +440,8 @@ at::Tensor lut_sparse_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
   const char* op = "lut_sparse_linear";
   TORCH_CHECK(act_scale >= 0.0, op, ": `act_scale` must be >= 0 (0: float outputs), got ",
               act_scale);
-  TORCH_CHECK(act_scale == 0.0 || (act_qmax > 0 && act_zero_point >= 0 && act_zero_point <= act_qmax),
+  TORCH_CHECK(act_scale == 0.0 ||
+                  (act_qmax > 0 && act_zero_point >= 0 && act_zero_point <= act_qmax),
               op, ": activation zero point ", act_zero_point, " must lie in [0, ", act_qmax, "]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op,
               ": `x` must be 2-D float32 [batch, in_features], got ", x.scalar_type(), " ",
