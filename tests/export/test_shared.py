@@ -320,3 +320,27 @@ def test_a_model_trained_with_kmeans_sharing_reloads_with_its_predictions(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained, rtol=0, atol=1e-6)
         assert torch.equal(loaded(x).argmax(1), trained.argmax(1))
+
+
+def test_conv1d_weights_share_in_their_canonical_order(tmp_path):
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(24, 8), nn.ReLU(), conv1d(6, 24)).eval()
+    with torch.no_grad():
+        model[0].weight[torch.rand(8, 24) < 0.5] = 0
+    record = CompressionRecord(
+        kmeans(f"{i}.weight", model[i].weight.t(), 3, groups=2)  # canonical (out, in)
+        for i in (0, 2)
+    )
+    path = pack(model, tmp_path / "c1d.safetensors", qat=record)
+    entry = read(path).layers[0]
+    assert (entry["module"], entry["axes"], entry["shape"]) == ("Conv1D", [1, 0], [24, 8])
+    loaded = load_into(copy.deepcopy(model), path)
+    assert type(loaded[0]) is conv1d
+    assert torch.equal(loaded[0].weight, record["0.weight"].dequantize().t())
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in record.items():
+            ref.get_parameter(name).copy_(layer.dequantize().t())
+        x = torch.randn(3, 5, 8)
+        assert torch.equal(loaded(x), ref(x))
