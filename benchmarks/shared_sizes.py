@@ -5,10 +5,9 @@ per layer to Deep Compression's rates (fc1 keeps 8%, fc2 9%, fc3 26%; ``--keep``
 and retrained with the mask; then the same pruned weights are packed as uniform int4
 (``pack(bits=4)``) and as k-means weight sharing at 2-6 bits (linear initialisation, Lloyd
 iterations, centroids not retrained: that is QATCallback(scheme="kmeans")'s job), each reloaded
-and scored. Printed and written as
-JSON: file bytes, the ratio to the fp32 safetensors file, test accuracy, and per shared layer
-the index entropy against the coded size. Also: packing and loading one 4096 x 11008 layer at
-10% density with 4-bit indices (4.5 M coded indices).
+and scored. Printed and written as JSON: file bytes, the ratio to the fp32 safetensors file,
+test accuracy, and per shared layer the index entropy against the coded size. Also: packing and
+loading one 4096 x 11008 layer at 10% density with 4-bit indices (4.5 M coded indices).
 
     python benchmarks/shared_sizes.py [--out shared_sizes.json] [--epochs 8]
 

@@ -387,8 +387,12 @@ def _pack_integers(
     sparse = nz.numel() <= SPARSE_MAX_DENSITY * max(flat.numel(), 1)
     kind = packed_kind(module)
     entry = _entry(name, module, kind, q2d.shape)
-    entry.update(bits=layer.bits, layout="sparse" if sparse else "dense", nnz=int(nz.numel()))
-    entry["bias"] = module.bias is not None
+    entry.update(
+        bits=layer.bits,
+        layout="sparse" if sparse else "dense",
+        nnz=int(nz.numel()),
+        bias=module.bias is not None,
+    )
     if kind == "conv2d":
         entry["conv"] = conv_params(module)
     values = flat[nz] if sparse else flat
