@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_compress.export.latency import last_level_cache_bytes
 from lightning_compress.ops import compiled_available
 from lightning_compress.ops.dyn_linear import (
     bitmask_dyn_linear,
@@ -58,16 +59,6 @@ from lightning_compress.ops.packed import (
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 BATCHES = (1, 8, 64, 256)
 SHAPES = ((1024, 1024), (4096, 4096), (4096, 11008))
-
-
-def last_level_cache_bytes() -> int:
-    """Largest CPU cache reported by the kernel (L3 usually); 64 MiB if unknown."""
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip()
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-        sizes.append(int(text.rstrip("KMG")) * mult)
-    return max(sizes, default=64 << 20)
 
 
 class Method:

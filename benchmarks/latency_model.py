@@ -48,8 +48,8 @@ from lightning_compress.export.artifact import SPARSE_MAX_DENSITY
 from lightning_compress.export.latency import (
     LatencyTable,
     LayerSpec,
+    cache_bytes,
     cpu_model,
-    last_level_cache_bytes,
     model_latency,
 )
 from lightning_compress.export.modules import PackedLinear, implementations
@@ -180,7 +180,7 @@ def main() -> None:
     layers = 2 if args.quick else args.layers
     configs = 4 if args.quick else args.configs
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads")
-    print(f"last-level cache {last_level_cache_bytes() / 2**20:.0f} MiB")
+    print(f"cache taken for a model's weights: {cache_bytes() / 2**20:.0f} MiB")
     shapes = [(widths[1], widths[0]), (widths[0], widths[1])]
     table = LatencyTable(reps=args.reps)
     calib_s = calibrate(table, shapes, args.batches, GRID)

@@ -75,9 +75,9 @@ from lightning_compress.export import entropy, positions
 from lightning_compress.export.latency import (
     LatencyTable,
     LayerSpec,
+    cache_bytes,
     choose,
     default_path,
-    last_level_cache_bytes,
 )
 from lightning_compress.export.modules import (
     PackedConv2d,
@@ -794,7 +794,7 @@ def load_into(
         packed_bytes = sum(
             t.numel() * t.element_size() for k, t in art.tensors.items() if k.startswith("packed/")
         )
-        cold = packed_bytes > last_level_cache_bytes()
+        cold = packed_bytes > cache_bytes()
         for entry in art.layers:
             if entry["kind"] not in _SINGLE_IMPLEMENTATION:
                 name = entry["name"]

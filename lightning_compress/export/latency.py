@@ -130,6 +130,17 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
+# A virtual machine reports its host's last-level cache (480 MiB on some servers), shared with
+# every other tenant: no more than this much of it is taken to keep a model's weights.
+CACHE_CAP = 64 << 20
+
+
+def cache_bytes() -> int:
+    """The cache a model's weights can stay in between calls: the last-level cache, at most
+    :data:`CACHE_CAP`. Weights beyond it are read from memory on every call (cold)."""
+    return min(last_level_cache_bytes(), CACHE_CAP)
+
+
 def cpu_model() -> str:
     """The CPU's model name as the OS reports it (``platform.processor()`` where it does not)."""
     try:
@@ -170,9 +181,9 @@ def time_modules(
 ) -> dict[str, float]:
     """Median milliseconds per forward of each module on the same input, the modules taking
     turns (so that the machine's drift hits all alike), after two warm-up rounds. ``cold``:
-    the last-level cache is flushed (a buffer of twice its size is read) before every call."""
+    the cache is flushed (a buffer of twice :func:`cache_bytes` is read) before every call."""
     x = make_input()
-    flush = torch.ones(2 * last_level_cache_bytes() // 4) if cold else None
+    flush = torch.ones(2 * cache_bytes() // 4) if cold else None
     times: dict[str, list[float]] = {name: [] for name in modules}
     for rep in range(reps + 2):
         for name, module in modules.items():
@@ -449,7 +460,7 @@ def model_latency(model: nn.Module, example: Any, reps: int = 7) -> ModelLatency
         for n, m in chosen.items()
         for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))
     ]
-    flush = torch.ones(2 * last_level_cache_bytes() // 4) if cold else None
+    flush = torch.ones(2 * cache_bytes() // 4) if cold else None
     modes = {m: m.training for m in model.modules()}
     model.eval()
     totals: list[float] = []
