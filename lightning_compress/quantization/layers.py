@@ -10,6 +10,10 @@ Conv followed by BatchNorm (found in registration order, as ``Sequential(conv, b
 is quantized is ``w * gamma / sqrt(running_var + eps)``, the fold of BN into the conv, and the
 conv then uses that quantized fold divided back, so BN still normalises as in training while
 the integers are those of the folded layer.
+
+A weight with a :class:`~lightning_compress.quantization.kmeans.SharedWeight` in
+``FakeQuantLayers.shared`` (weight sharing) is swapped for its centroids instead, through the
+same hooks; it is never folded.
 """
 
 from __future__ import annotations

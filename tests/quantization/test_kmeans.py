@@ -127,3 +127,11 @@ def test_config_of_the_kmeans_scheme():
     assert "scheme" not in QATConfig().state_key_fields()
     with pytest.raises(ValueError, match=r"`overrides\['fc3'\]` must be an integer in \[1, 8\]"):
         QATConfig(scheme="kmeans", overrides={"fc3": 9})
+
+
+def test_an_expanded_incoming_gradient_is_copied_not_written_into():
+    weight = torch.nn.Parameter(torch.tensor([[0.0, -1.0, -0.9, 1.0], [1.1, 0.0, -1.0, 1.0]]))
+    shared = SharedWeight.cluster(weight, bits=1)
+    shared(weight).sum().backward()  # the gradient arrives as an expanded (stride-0) tensor
+    assert shared.codebook.grad.tolist() == [[3.0, 3.0]]  # each centroid: the count of its weights
+    assert weight.grad.tolist() == [[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]]
