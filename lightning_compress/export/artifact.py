@@ -75,9 +75,11 @@ from lightning_compress.export import entropy, positions
 from lightning_compress.export.latency import (
     LatencyTable,
     LayerSpec,
+    ModelLatency,
     cache_bytes,
     choose,
     default_path,
+    model_latency,
 )
 from lightning_compress.export.modules import (
     PackedConv2d,
@@ -1115,7 +1117,9 @@ class Report:
     """Per-layer sizes of an artifact, its totals against the fp32 model, and what stayed fp32.
 
     ``unpacked`` lists every weight-bearing layer that was not packed, with the reason; None for
-    an artifact written before pack recorded them.
+    an artifact written before pack recorded them. ``latency``: where ``report`` was given the
+    loaded model and an input, each packed layer's predicted and measured milliseconds and the
+    whole model's.
     """
 
     path: Path
@@ -1124,6 +1128,7 @@ class Report:
     layers: list[LayerRow]
     other_bytes: int
     unpacked: list[UnpackedLayer] | None = None
+    latency: ModelLatency | None = None
 
     @property
     def ratio(self) -> float:
@@ -1158,6 +1163,9 @@ class Report:
             f"file {self.path.name}: {self.file_bytes:,} bytes on disk; fp32 tensors "
             f"{self.fp32_bytes:,} bytes; {size}"
         )
+        if self.latency is not None:
+            lines += ["latency (predicted by the latency table, measured in the model):"]
+            lines += str(self.latency).splitlines()
         return "\n".join(lines)
 
 
@@ -1186,16 +1194,31 @@ def _kept_lines(unpacked: list[UnpackedLayer] | None) -> list[str]:
     ]
 
 
-def report(path: str | os.PathLike) -> Report:
+def report(
+    path: str | os.PathLike, model: nn.Module | None = None, example: Any = None, reps: int = 7
+) -> Report:
     """Reads an artifact and tabulates, per layer, layout, bits, bits per weight, sparsity and
     bytes (for a low-rank layer its rank, and the dense fp32 bytes its factors replace; for a
     weight-sharing layer its codebook size and the entropy of its indices against their coded
     size), and the weight-bearing layers kept fp32 with the reason.
 
+    Args:
+        path: The artifact.
+        model: The model ``load_into(..., batch_size=...)`` loaded from it: with ``example``,
+            the report also gives each packed layer's implementation and its predicted and
+            measured milliseconds, and the whole model's
+            (:func:`~lightning_compress.export.latency.model_latency`).
+        example: An input of ``model`` (a tensor, a tuple or a dict of keyword arguments).
+        reps: Timed forwards of ``model``.
+
     Raises:
         ArtifactError: As :func:`read`; a weight-sharing layer whose coded indices do not
             decode.
+        ValueError: ``model`` without ``example`` or the other way round; a ``model`` that was
+            not loaded with ``batch_size``.
     """
+    if (model is None) != (example is None):
+        raise ValueError("pass both `model` and `example` for the latency columns, or neither")
     art = read(path)
     rows = []
     fp32 = 0
@@ -1234,7 +1257,8 @@ def report(path: str | os.PathLike) -> Report:
     other = [t for k, t in art.tensors.items() if k.startswith("state/")]
     other_bytes = sum(t.numel() * t.element_size() for t in other)
     fp32 += sum(t.numel() * 4 for t in other)
-    return Report(art.path, art.size, fp32, rows, other_bytes, art.unpacked)
+    timed = None if model is None else model_latency(model, example, reps)
+    return Report(art.path, art.size, fp32, rows, other_bytes, art.unpacked, timed)
 
 
 def _index_statistics(

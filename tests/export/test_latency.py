@@ -285,3 +285,21 @@ def test_model_latency_sets_predictions_against_the_model_as_it_runs(tmp_path):
     text = str(timed)
     assert "fc2" in text and "whole model" in text and "warm cache" in text
     assert all(m.training for m in packed.modules())  # modes restored
+
+
+def test_report_gives_predicted_and_measured_latency_of_the_loaded_model(tmp_path):
+    from lightning_compress.export import report
+
+    model = pruned(LeNet300100(), 0.8)
+    path = pack(model, tmp_path / "a.safetensors")
+    packed = load_into(copy.deepcopy(model), path, batch_size=1, latency=fixed_table("bitmask"))
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.raises(ValueError, match="pass both `model` and `example`"):
+        report(path, model=packed)
+    plain = report(path)
+    assert plain.latency is None and "predicted ms" not in str(plain)
+    rep = report(path, model=packed, example=x, reps=3)
+    assert [r.impl for r in rep.latency.layers] == ["bitmask"] * 3
+    text = str(rep)
+    assert "predicted ms" in text and "whole model" in text
+    assert text.startswith(str(plain).splitlines()[0])
