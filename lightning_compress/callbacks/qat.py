@@ -407,6 +407,7 @@ class QATCallback(ConfiguredCallback):
         step = trainer.global_step
         if not layers.shared:
             self._init_codebooks(self._broadcast(trainer, self._cluster()))
+            self._snap()
             self._last_refresh = step
             rank_zero_only(log.info)(
                 "QATCallback: step %d: %d layers clustered into %s centroids (%d per layer)",
@@ -425,10 +426,23 @@ class QATCallback(ConfiguredCallback):
                 for name, shared in layers.shared.items()
             }
         self._broadcast(trainer, layers.shared)
+        self._snap()
         self._last_refresh = step
         metrics = {f"qat/reassigned/{n}": f for n, f in self.reassigned.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    @torch.no_grad()
+    def _snap(self) -> None:
+        """Sets every shared weight to its centroid (zeros stay zero). The dense weight trains
+        straight through from there, so a refresh moves a weight to another cluster by what it
+        learnt since the last one; left to accumulate its gradients since ``start`` under a
+        forward that does not depend on it, it would drift without bound, and a refresh would
+        scatter the clusters (a LeNet-300-100 fell from 96% to 40%)."""
+        assert self.layers is not None
+        for name, shared in self.layers.shared.items():
+            weight = self.layers.folded_weight(*split_name(name))[0]
+            weight.copy_(shared(weight))
 
     def _cluster(self) -> dict[str, SharedWeight]:
         assert self.layers is not None

@@ -163,6 +163,26 @@ def test_refresh_reassigns_weights_on_the_clock(tmp_path):
     assert never.reassigned == {}
 
 
+def test_a_refresh_starts_the_dense_weight_again_from_its_centroid(tmp_path):
+    # Without it the dense weight, trained straight through under a forward that ignores it,
+    # drifts by its summed gradients since `start`, and a refresh scatters the clusters.
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            if trainer.global_step == 5:  # the step after the refresh at 4
+                self.weight = module.fc1.weight.detach().clone()
+
+    pl.seed_everything(0)
+    qat = QATCallback(bits=2, scheme="kmeans", activations=None, refresh="4it")
+    snap = Snapshot()
+    model = TinyMLP(lr=0.5)
+    fit(tmp_path, [qat, snap], model=model, max_epochs=1)
+    shared = qat.layers.shared["fc1.weight"]
+    # One step after the refresh, each weight is its centroid of then plus one SGD step: far
+    # nearer to its centroid than a weight that kept every gradient since step 0.
+    drift = (snap.weight - effective(qat, "fc1.weight")).abs().max()
+    assert drift < 0.5 * float(shared.codebook.detach().abs().max())
+
+
 # -- with pruning, distillation, rewinding -----------------------------------------------------
 
 
