@@ -45,3 +45,17 @@ def test_export_example_reloads_the_fake_quantized_model():
     assert abs(float(match[1]) - float(match[2])) <= 0.1
     assert "PackedLinear" not in out.stderr
     assert "smaller" in out.stdout and "batch 256:" in out.stdout
+
+
+def test_weight_sharing_example_reloads_what_was_trained():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "share_weights.py"), "--fast"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    match = re.search(r"trained ([\d.]+)%, reloaded ([\d.]+)%", out.stdout)
+    assert match, out.stdout[-2000:]
+    assert match[1] == match[2]
+    assert "codebook 1 x 16" in out.stdout and "smaller" in out.stdout
