@@ -13,8 +13,10 @@
 // larger codebooks a tree of them with a blend per index bit above the fifth. Measured on Intel
 // Sapphire Rapids against gathering the weights from the codebook (the alternative for 5..8
 // bits): the tree is 1.2x (256 centroids) to 1.9x (32) faster per non-zero, since the gather of
-// x per non-zero already occupies the load ports. Batch 1 is then as the int8 sparse kernel
-// (packed_linear.cpp), with 2.5 bytes per non-zero at <= 16 centroids against int8's 3. Larger
+// x per non-zero already occupies the load ports. Batch 1 is the int8 sparse kernel's loop
+// (packed_linear.cpp) plus the lookup: 0.93-0.97x its speed on that CPU with the layer in cache
+// (both bound by the gathers of x), reading 2.5 bytes per non-zero at <= 16 centroids against
+// int8's 3, which pays where memory bandwidth is the limit. Larger
 // batches decode a chunk of a row's weights once and walk it per tile of 64 batch columns of
 // transposed x, as the int8 kernel does. Every codebook is read through a zero-padded copy of
 // 16 (nibbles) or 256 (bytes) entries, so an index past the codebook reads 0.0, never outside
@@ -143,8 +145,8 @@ LC_AVX512 inline __m512i load_index(const uint8_t* idx, int64_t j, __mmask16 m) 
     // Each byte zero-extended to a 64-bit lane, then or-ed with itself shifted by 28: the low
     // dword's low nibble is the byte's low nibble, the high dword holds the byte's high nibble.
     const __m128i bytes =
-        m == 0xFFFF ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + j / 2))
-                    : _mm_maskz_loadu_epi8(lanes((32 - __builtin_clz(m) + 1) / 2), idx + j / 2);
+        m == 0xFFFF ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + (j >> 1)))
+                    : _mm_maskz_loadu_epi8(lanes((32 - __builtin_clz(m) + 1) / 2), idx + (j >> 1));
     const __m512i q = _mm512_cvtepu8_epi64(bytes);
     return _mm512_or_si512(q, _mm512_slli_epi64(q, 28));
   } else {
@@ -172,28 +174,19 @@ LC_AVX512 inline void load_codebook(const float* lut, __m512* cb) {
   for (int i = 0; i < (C + 15) / 16; ++i) cb[i] = _mm512_load_ps(lut + 16 * i);
 }
 
-// 32 nibble indices (non-zeros j .. j+31, j even) from 16 bytes, as two vectors of 16 lanes.
-LC_AVX512 inline void load_index32(const uint8_t* idx, int64_t j, __m512i& first,
-                                   __m512i& second) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + j / 2));
-  const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-  first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-  second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(low, high));
-}
-
-// 64 non-zeros per step with four accumulators: one prefetch per cache line of the col and
-// index streams, not one per vector (prefetches take the load ports the gathers of x need).
+// Named accumulators, not an array: GCC kept an array of them on the stack, a store per FMA.
+// Offsets into the nibble stream are shifts: j >= 0, and a signed division costs three
+// instructions in the hottest loop.
 template <typename Idx, int C>
 LC_AVX512 float lut_row_dot_avx512(const float* x, const Idx* col, const uint8_t* idx,
                                    const float* lut, int64_t begin, int64_t end) {
   constexpr int64_t kAhead = 1024;  // non-zeros prefetched ahead in the col/index streams
-  constexpr int64_t kColLine = 64 / static_cast<int64_t>(sizeof(Idx));
+  constexpr int kShift = C <= 16 ? 1 : 0;
   if (begin == end) return 0.0f;
   __m512 cb[(C + 15) / 16];
   load_codebook<C>(lut, cb);
-  __m512 acc[4];
-  for (auto& a : acc) a = _mm512_setzero_ps();
+  __m512 acc0 = _mm512_setzero_ps();
+  __m512 acc1 = _mm512_setzero_ps();
   int64_t j = begin;
   if (C <= 16 && (j & 1)) {
     // A row starting mid-byte: one block from the even position before it, lane 0 left out.
@@ -202,36 +195,26 @@ LC_AVX512 float lut_row_dot_avx512(const float* x, const Idx* col, const uint8_t
     const __m512 g =
         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_cols(col, j, m), x, 4);
     const __m512 w = lookup<C>(cb, load_index<C>(idx, j, m | 1));
-    acc[0] = _mm512_mask3_fmadd_ps(w, g, acc[0], m);
+    acc0 = _mm512_mask3_fmadd_ps(w, g, acc0, m);
     j += 16;
   }
   const __mmask16 all = 0xFFFF;
-  for (; j + 64 <= end; j += 64) {
-    for (int64_t line = 0; line < 64; line += kColLine) {
-      _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead + line), _MM_HINT_T0);
-    }
-    const int64_t ahead = C <= 16 ? (j + kAhead) / 2 : j + kAhead;
-    _mm_prefetch(reinterpret_cast<const char*>(idx + ahead), _MM_HINT_T0);
-    __m512i index[4];
-    if constexpr (C <= 16) {
-      load_index32(idx, j, index[0], index[1]);
-      load_index32(idx, j + 32, index[2], index[3]);
-    } else {
-      for (int u = 0; u < 4; ++u) index[u] = load_index<C>(idx, j + 16 * u, all);
-    }
-    for (int u = 0; u < 4; ++u) {
-      const __m512 g = _mm512_i32gather_ps(load_cols(col, j + 16 * u, all), x, 4);
-      acc[u] = _mm512_fmadd_ps(lookup<C>(cb, index[u]), g, acc[u]);
-    }
+  for (; j + 32 <= end; j += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(col + j + kAhead + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + ((j + kAhead) >> kShift)), _MM_HINT_T0);
+    const __m512 g0 = _mm512_i32gather_ps(load_cols(col, j, all), x, 4);
+    const __m512 g1 = _mm512_i32gather_ps(load_cols(col, j + 16, all), x, 4);
+    acc0 = _mm512_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, all)), g0, acc0);
+    acc1 = _mm512_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j + 16, all)), g1, acc1);
   }
   for (; j < end; j += 16) {
     const __mmask16 m = lanes(end - j);
     const __m512 g =
         _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_cols(col, j, m), x, 4);
-    acc[0] = _mm512_mask3_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, m)), g, acc[0], m);
+    acc0 = _mm512_mask3_fmadd_ps(lookup<C>(cb, load_index<C>(idx, j, m)), g, acc0, m);
   }
-  return _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
 // Weights and x offsets (col * ld) of non-zeros [a, e), a even, into w and off from index 0.
