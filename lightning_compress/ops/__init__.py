@@ -11,6 +11,7 @@ from lightning_compress.ops.fake_quant import fake_quant_rows
 from lightning_compress.ops.flips import flip_count_, masked_noise_
 from lightning_compress.ops.lut import lut_sparse_linear
 from lightning_compress.ops.packed import hugepage_copy, int_linear, sparse_int_linear
+from lightning_compress.ops.shared_weight import shared_weight_backward_, shared_weight_forward
 
 __all__ = [
     "CompiledOpsUnavailableWarning",
@@ -25,6 +26,8 @@ __all__ = [
     "lut_sparse_linear",
     "masked_noise_",
     "pack_bits",
+    "shared_weight_backward_",
+    "shared_weight_forward",
     "sparse_int_linear",
     "unpack_bits",
 ]

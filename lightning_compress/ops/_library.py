@@ -47,6 +47,11 @@ SCHEMAS: tuple[str, ...] = (
         "int act_zero_point=0, int act_qmax=255) -> Tensor"
     ),
     "hugepage_copy(Tensor t) -> Tensor",
+    "shared_weight_forward(Tensor weight, Tensor indices, Tensor codebook) -> Tensor",
+    (
+        "shared_weight_backward_(Tensor(a!) grad, Tensor weight, Tensor indices, int groups, "
+        "int levels) -> Tensor"
+    ),
     (
         "bitmask_dyn_linear(Tensor x, Tensor row_ptr, Tensor mask, Tensor values, Tensor row_sum, "
         "Tensor scale, Tensor? bias, int in_features, float act_scale=0., int act_zero_point=0, "

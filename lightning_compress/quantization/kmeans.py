@@ -11,8 +11,10 @@ weights assigned to it; the dense weight receives the same gradient straight thr
 training and a refresh (nearest centroid per weight) can move it to another cluster.
 
 Memory: nothing per weight beyond the uint8 index is kept (no one-hot or soft assignment matrix,
-DKM's memory problem). The forward and backward run over row chunks, so the temporaries of the
-gather (int32 indices, the zero mask) are bounded by the chunk, not by the layer.
+DKM's memory problem). The forward and backward are fused compiled ops (ops/shared_weight.py), one
+pass over the weight each, with no temporaries per weight; the backward masks the incoming
+gradient in place. Clustering, refresh and index packing run over row chunks, so their
+temporaries are bounded by the chunk, not by the layer.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from typing import Any
 
 import torch
 
+from lightning_compress import ops
+from lightning_compress.ops.shared_weight import (
+    shared_weight_backward_any,
+    shared_weight_forward_any,
+)
 from lightning_compress.quantization.record import ActivationRange, SharedLayer
 
-# Elements per chunk of the gather/scatter loops: the int32 indices and the zero mask of one
-# chunk (16 + 4 MiB) bound the temporaries whatever the layer's size. Smaller chunks cost more
+# Elements per chunk of the refresh and packing loops: a chunk's temporaries (int32 indices,
+# the zero mask: 16 + 4 MiB) bound them whatever the layer's size. Smaller chunks cost more
 # than they save: each op is a parallel region, and on a loaded 2-core machine every region
 # waited ~10 ms for a preempted thread (2^18: 2.9 s forward on 4096x4096, 2^22: 0.30 s, the
 # whole tensor at once: 0.29 s).
@@ -165,48 +172,42 @@ class _SharedWeight(torch.autograd.Function):
 
     Backward (Deep Compression): the weight gets the gradient straight through where it is not
     zero; each centroid gets the sum of the gradients of the weights assigned to it.
+
+    float32 weights run the fused ops (one pass over the weight each way); other precisions run
+    their pure-PyTorch form. Nothing is saved but the weight (a parameter autograd holds anyway)
+    and the indices: the backward compares the weight with 0 again.
     """
 
     @staticmethod
     def forward(
         ctx: Any, weight: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
-        groups = codebook.shape[0]
-        rows = weight.shape[0]
-        books = codebook.detach().to(weight.dtype)
-        w = weight.detach().reshape(rows, -1)
-        idx = indices.view(rows, -1)
-        out = torch.empty_like(w)
-        # Kept for the backward (1 byte a weight): comparing the weight again costs a pass.
-        zero = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-        for g, chunk in _row_chunks(rows, w.shape[1], groups):
-            rows_out = out[chunk]  # contiguous rows: the gather writes straight into them
-            torch.index_select(
-                books[g], 0, idx[chunk].reshape(-1).to(torch.int32), out=rows_out.view(-1)
-            )
-            rows_out.masked_fill_(torch.eq(w[chunk], 0, out=zero[chunk]), 0)
-        ctx.save_for_backward(zero, indices)
-        ctx.groups, ctx.levels = groups, codebook.shape[1]
-        return out.view_as(weight)
+        w, books = weight.detach(), codebook.detach()
+        if w.dtype == torch.float32 and books.dtype == torch.float32:
+            out = ops.shared_weight_forward(w, indices, books)
+        else:
+            out = shared_weight_forward_any(w, indices, books)
+        ctx.save_for_backward(weight, indices)
+        ctx.groups, ctx.levels = codebook.shape
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        zero, indices = ctx.saved_tensors
-        groups = ctx.groups
-        rows = zero.shape[0]
-        idx = indices.view(rows, -1)
+        weight, indices = ctx.saved_tensors
         # The incoming gradient (fresh from the layer's backward, used by nothing else) is
         # masked in place, so no second weight-sized buffer is held; an expanded or strided one
         # (``weight.sum().backward()``) is copied first.
-        grad_weight = grad.contiguous().view(rows, -1)
-        grad_codebook = torch.zeros(groups, ctx.levels, dtype=torch.float32, device=grad.device)
-        for g, chunk in _row_chunks(rows, zero.shape[1], groups):
-            masked = grad_weight[chunk].masked_fill_(zero[chunk], 0)
-            # uint8 indices go to bincount as they are: no wider copy.
-            grad_codebook[g] += torch.bincount(
-                idx[chunk].reshape(-1), weights=masked.reshape(-1).float(), minlength=ctx.levels
+        grad_weight = grad.contiguous()
+        w = weight.detach()
+        if grad_weight.dtype == torch.float32 and w.dtype == torch.float32:
+            grad_codebook = ops.shared_weight_backward_(
+                grad_weight, w, indices, ctx.groups, ctx.levels
             )
-        return grad_weight.view(indices.shape), grad_codebook, None
+        else:
+            grad_codebook = shared_weight_backward_any(
+                grad_weight, w, indices, ctx.groups, ctx.levels
+            )
+        return grad_weight, grad_codebook, None
 
 
 class SharedWeight:
