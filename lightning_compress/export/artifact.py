@@ -85,6 +85,7 @@ from lightning_compress.export.modules import (
     PackedConv2d,
     PackedLinear,
     PackedLowRank,
+    SharedLinear,
     conv_params,
     implementations,
     packed_kind,
@@ -701,10 +702,20 @@ def _decode_shared(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
     group = torch.div(flat, k, rounding_mode="floor") // (n // groups)
     weight = torch.zeros(n * k, dtype=torch.float32)
     weight[flat] = codebook[group, index]
+    indices = torch.zeros(n * k, dtype=torch.uint8)
+    indices[flat] = index.to(torch.uint8)
+    mask = torch.zeros(n * k, dtype=torch.bool)
+    mask[flat] = True
     bias = tensors.get(prefix + "bias")
     if entry["bias"] != (bias is not None) or (bias is not None and bias.shape != (n,)):
         raise ValueError("bias does not match the layer table")
-    return {"weight": weight.view(n, k), "bias": bias}
+    return {
+        "weight": weight.view(n, k),
+        "bias": bias,
+        "codebook": codebook,
+        "indices": indices.view(n, k),
+        "mask": mask.view(n, k),
+    }
 
 
 def load_into(
@@ -871,8 +882,9 @@ def _fastest(
     (with the cache flushed before every call where ``cold``)."""
     name, kind = entry["name"], entry["kind"]
     n, k = (int(v) for v in entry["shape"])
+    shared = kind == "shared"
     if shape is None:
-        if kind == "conv2d":
+        if kind == "conv2d" or "conv" in entry:
             raise ValueError(
                 f"layer {name!r} is a convolution: pass `example` (an input of the model) so "
                 "that its input size is known"
@@ -893,10 +905,14 @@ def _fastest(
     def build(impl: str) -> Callable[[], nn.Module]:
         return lambda: _packed_module(entry, tensors, module, impl).eval()
 
-    candidates = {impl: build(impl) for impl in implementations(k, exact)}
+    if shared:  # both compute with the codebook's exact values
+        impls = SHARED_IMPLEMENTATIONS if "conv" not in entry else ("fp32",)
+    else:
+        impls = implementations(k, exact)
+    candidates = {impl: build(impl) for impl in impls}
     best, times = choose(table, layer, candidates, lambda: torch.randn(*shape))
     new = build(best)()
-    if best == "fp32" and entry.get("act") is None:
+    if best == "fp32" and entry.get("act") is None and not shared:
         new = _float_module(module, new)
     new.train(module.training)
     new.impl = best
@@ -924,9 +940,10 @@ def _plain_module(module: nn.Module, matrix: torch.Tensor, bias: torch.Tensor | 
 
 # How a weight-sharing layer computes (the ``impl`` of :func:`_shared_module`):
 #   fp32  the weight decoded once at load (each weight its centroid) in the plain float layer
-SHARED_IMPLEMENTATIONS = ("fp32",)
+#   lut   linear layers: compressed rows of indices and the codebook (``SharedLinear``)
+SHARED_IMPLEMENTATIONS = ("fp32", "lut")
 # Kinds with one implementation, which load_into(batch_size=) does not time.
-_SINGLE_IMPLEMENTATION = ("lowrank", "shared")
+_SINGLE_IMPLEMENTATION = ("lowrank",)
 
 
 def _shared_module(
@@ -951,6 +968,10 @@ def _shared_module(
     parts = _decode_shared(entry, tensors)
     weight, bias = parts["weight"], parts["bias"]
     act = entry.get("act")
+    if impl == "lut":
+        if "conv" in entry:
+            raise ValueError("`impl` 'lut' computes linear layers; a convolution runs 'fp32'")
+        return SharedLinear(parts["codebook"], parts["indices"], parts["mask"], bias, act)
     if act is None:
         return _plain_module(module, weight, bias)
     # Trained with 8-bit outputs: the packed module's fp32 path, which fake-quantizes its output
@@ -975,7 +996,7 @@ def _packed_module(
     if entry["kind"] == "lowrank":
         return _lowrank_module(entry, tensors, _matrix_shape(module))
     if entry["kind"] == "shared":
-        return _shared_module(entry, tensors, module)
+        return _shared_module(entry, tensors, module, "fp32" if impl == "kernel" else impl)
     parts = _decode_layer(entry, tensors)
     conv = entry["kind"] == "conv2d"
     cls = PackedConv2d if conv else PackedLinear

@@ -30,6 +30,7 @@ from lightning_compress.ops.dyn_linear import (
     block_dyn_linear,
     block_layout,
 )
+from lightning_compress.ops.lut import lut_layout, lut_sparse_linear
 from lightning_compress.ops.packed import (
     _fake_quant_output,
     check_sparse_layout,
@@ -321,6 +322,67 @@ class PackedLowRank(nn.Module):
     def extra_repr(self) -> str:
         factors = "fp32" if self.bits is None else f"int{self.bits}"
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, {factors}"
+
+
+class SharedLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` / ``Conv1D`` whose weights are shared: compressed rows of
+    centroid indices and the codebooks, multiplied by ``ops.lut.lut_sparse_linear`` (each index
+    looked up in registers), which computes with the codebook's exact values.
+
+    Args:
+        codebook: float32 [groups, 2**bits].
+        indices: uint8 [N, K], each weight's centroid (read where ``mask`` is set).
+        mask: bool [N, K], the weights that are not exact zeros.
+        bias: float32 [N] or None.
+        act: Output fake quantization ``{"scale", "zero_point", "bits"}`` or None.
+    """
+
+    impl = "lut"
+
+    def __init__(
+        self,
+        codebook: torch.Tensor,
+        indices: torch.Tensor,
+        mask: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(v) for v in indices.shape)
+        self.bits = int(codebook.shape[1]).bit_length() - 1
+        row_ptr, col, idx, books, group_rows = lut_layout(codebook, indices, mask)
+        self.group_rows = group_rows
+        for name, t in zip(
+            ("row_ptr", "col", "idx", "codebook"), (row_ptr, col, idx, books), strict=True
+        ):
+            self.register_buffer(name, t)
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        self.act = act
+        act = act or {"scale": 0.0, "zero_point": 0, "bits": 8}
+        self._act_args = (float(act["scale"]), int(act["zero_point"]), 2 ** int(act["bits"]) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1]).float()
+        y = lut_sparse_linear(
+            x2d,
+            self.row_ptr,
+            self.col,
+            self.idx,
+            self.codebook,
+            self.group_rows,
+            self.bias,
+            self.in_features,
+            *self._act_args,
+        )
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        groups = self.codebook.shape[0]
+        return (
+            f"in={self.in_features}, out={self.out_features}, {2**self.bits} centroids x "
+            f"{groups} groups, impl=lut"
+        )
 
 
 def _unfold_rows(

@@ -12,6 +12,7 @@ from lightning_compress import PruneCallback, QATCallback
 from lightning_compress.export import ArtifactError, PackedLinear, load_into, pack, read, report
 from lightning_compress.export import entropy as coder
 from lightning_compress.export.artifact import FORMAT, FORMAT_VERSION, _shared_module, checksum
+from lightning_compress.export.modules import SharedLinear
 from lightning_compress.quantization import (
     ActivationRange,
     CompressionRecord,
@@ -140,11 +141,43 @@ def test_dense_layers_mixed_records_and_activation_ranges(tmp_path):
     want = torch.fake_quantize_per_tensor_affine(ref(x), act.scale, act.zero_point, 0, 255)
     with torch.no_grad():
         assert torch.equal(loaded[0](x), want)  # the codebook's values, outputs on the grid
-    # With a batch size the latency model does not time a shared layer: it has one impl.
-    timed = load_into(copy.deepcopy(model), path, batch_size=1)
-    assert isinstance(timed[0], PackedLinear) and not hasattr(timed[0], "latency_ms")
+    lut = _shared_module(shared, art.tensors, model[0], impl="lut")
+    with torch.no_grad():
+        torch.testing.assert_close(lut(x), want, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="`impl` must be one of"):
-        _shared_module(shared, art.tensors, model[0], impl="lut")
+        _shared_module(shared, art.tensors, model[0], impl="bitmask")
+
+
+@pytest.mark.parametrize("impl", ["fp32", "lut"])
+def test_load_into_times_both_implementations_of_a_shared_layer(tmp_path, impl):
+    from .test_latency import fixed_table
+
+    model = pruned(LeNet300100(), 0.9)
+    record = shared_record(model, {"fc1": 4, "fc2": 4, "fc3": 5})
+    path = pack(model, tmp_path / "s.safetensors", qat=record)
+    loaded = load_into(copy.deepcopy(model), path, batch_size=3, latency=fixed_table(impl))
+    layers = [loaded.fc1, loaded.fc2, loaded.fc3]
+    assert all(m.impl == impl and set(m.latency_ms) == {"fp32", "lut"} for m in layers)
+    assert all(type(m) is (nn.Linear if impl == "fp32" else SharedLinear) for m in layers)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():  # the codebook's exact values either way, to float summation order
+        torch.testing.assert_close(loaded(x), computing_with(model, record)(x))
+    assert "impl=lut" in repr(loaded) or impl == "fp32"
+
+
+def test_a_shared_convolution_is_timed_only_in_fp32(tmp_path):
+    from .test_latency import fixed_table
+
+    model = pruned(LeNet5(), 0.8)
+    record = shared_record(model, 3, only=("conv2",))
+    path = pack(model, tmp_path / "c.safetensors", qat=record)
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="pass `example`"):
+        load_into(copy.deepcopy(model), path, batch_size=2, latency=fixed_table("lut"))
+    loaded = load_into(
+        copy.deepcopy(model), path, batch_size=2, example=x, latency=fixed_table("lut")
+    )
+    assert type(loaded.conv2) is nn.Conv2d and set(loaded.conv2.latency_ms) == {"fp32"}
 
 
 def test_sharing_packs_smaller_than_uniform_int4_at_the_same_pruning(tmp_path):

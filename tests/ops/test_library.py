@@ -15,6 +15,7 @@ from lightning_compress import ops
 from lightning_compress.ops._library import OPS, SCHEMAS
 from lightning_compress.ops.bitmask import pack_bits_reference
 from lightning_compress.ops.dyn_linear import bitmask_layout, block_layout
+from lightning_compress.ops.lut import lut_layout
 from lightning_compress.ops.packed import pack_rows_int4, sparse_layout
 
 PACKAGE = Path(lightning_compress.__file__).parent
@@ -50,6 +51,12 @@ def samples() -> dict[str, tuple]:
         "hugepage_copy": (torch.randn(4, 5, generator=g).t(),),
         "bitmask_dyn_linear": (x, *bitmask_layout(q), scale, bias, 11),
         "block_dyn_linear": (x, *block_layout(q), scale, None, 11, 0.05, 3, 255),
+        "lut_sparse_linear": (
+            x,
+            *lut_layout(torch.randn(3, 16, generator=g), (q + 8).to(torch.uint8), q != 0),
+            bias,
+            11,
+        ),
     }
 
 
