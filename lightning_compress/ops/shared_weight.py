@@ -1,10 +1,11 @@
-"""Weight sharing's training step (Deep Compression) as two fused ops, one pass over the weight each.
+"""Weight sharing's training step (Deep Compression) as two fused ops, one pass each.
 
 ``shared_weight_forward`` gives the weight a shared layer computes with: each non-zero weight's
-centroid, ``codebook[group, index]``, and exactly 0 where the weight is 0. ``shared_weight_backward_``
-gives the gradients: the weight's straight through where it is not zero (0 at zeros, written into
-the incoming gradient in place), and each centroid's the sum of the gradients of its weights. The
-backward compares the weight again instead of keeping a zero mask from the forward.
+centroid, ``codebook[group, index]``, and exactly 0 where the weight is 0.
+``shared_weight_backward_`` gives the gradients: the weight's straight through where it is not
+zero (0 at zeros, written into the incoming gradient in place), and each centroid's the sum of the
+gradients of its weights. The backward compares the weight again instead of keeping a zero mask
+from the forward.
 
 Weights are read as [rows, cols] with output channels on dim 0 (any trailing shape is flattened);
 ``groups`` codebooks each serve ``rows // groups`` consecutive rows.

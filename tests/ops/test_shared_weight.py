@@ -96,7 +96,7 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("levels", [4, 16, 256])
 def test_centroid_gradient_is_bit_identical_across_runs_and_thread_counts(levels):
-    weight, indices, codebook, grad = layer((512, 700), 2, levels)
+    weight, indices, _, grad = layer((512, 700), 2, levels)
     threads = torch.get_num_threads()
     results = []
     try:
