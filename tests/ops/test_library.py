@@ -51,6 +51,18 @@ def samples() -> dict[str, tuple]:
         "hugepage_copy": (torch.randn(4, 5, generator=g).t(),),
         "bitmask_dyn_linear": (x, *bitmask_layout(q), scale, bias, 11),
         "block_dyn_linear": (x, *block_layout(q), scale, None, 11, 0.05, 3, 255),
+        "shared_weight_forward": (
+            torch.where(q != 0, torch.randn(6, 11, generator=g), 0.0),
+            (q + 8).to(torch.uint8),
+            torch.randn(2, 16, generator=g),
+        ),
+        "shared_weight_backward_": (
+            torch.randn(6, 11, generator=g),
+            torch.where(q != 0, torch.randn(6, 11, generator=g), 0.0),
+            (q + 8).to(torch.uint8),
+            2,
+            16,
+        ),
         "lut_sparse_linear": (
             x,
             *lut_layout(torch.randn(3, 16, generator=g), (q + 8).to(torch.uint8), q != 0),
