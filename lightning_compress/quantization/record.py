@@ -148,8 +148,10 @@ class SharedLayer(LayerRecord):
 
     Args:
         name: The weight's qualified parameter name.
-        codebook: float32 [groups, 2**bits]: each group of consecutive output channels' centroids.
-        indices: uint8 of the weight's shape, each in ``[0, 2**bits)`` (0 where ``mask`` is not set).
+        codebook: float32 [groups, 2**bits]: the centroids of each group of consecutive output
+            channels.
+        indices: uint8 of the weight's shape, each in ``[0, 2**bits)`` (0 where ``mask`` is
+            not set).
         mask: bool of the weight's shape: the weights that are not exact zeros.
         bits: Index bits, 1 to 8.
         activation: The layer output's range where activations were quantized, else None.
