@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -34,6 +34,9 @@ from lightning_compress.quantization.record import CompressionRecord
 from lightning_compress.targets import log_targeting, match_overrides, resolve_targets
 
 log = logging.getLogger(__name__)
+
+# A refresh that moves more than this share of a layer's weights is scattering its clusters.
+SCATTER_WARNING = 0.1
 
 
 class QATCallback(ConfiguredCallback):
@@ -83,7 +86,10 @@ class QATCallback(ConfiguredCallback):
         groups: Codebooks per layer for ``"kmeans"`` (consecutive output channels share one);
             must divide every targeted layer's output channels.
         refresh: ``"kmeans"``: re-assign every weight to its nearest centroid at this period
-            of the step clock (``"Nep"``, ``"Nit"`` or an int); None: never.
+            of the step clock (``"Nep"``, ``"Nit"`` or an int); None: never. Keep it short
+            (``"10it"``): between refreshes the dense weights drift open-loop, and an epoch of
+            drift at a high learning rate scatters the clusters (a warning says so when a
+            refresh moves more than 10% of a layer).
         kmeans_lr: Learning rate of the centroids (``"kmeans"``).
 
     Raises:
@@ -141,6 +147,7 @@ class QATCallback(ConfiguredCallback):
         self._codebook_optimizer: torch.optim.Optimizer | None = None
         # The step of the last clustering or refresh (a refresh is due once per step).
         self._last_refresh: int | None = None
+        self._warned_scatter = False
         # Per shared layer: the fraction of its weights that changed cluster at the last refresh.
         self.reassigned: dict[str, float] = {}
 
@@ -426,19 +433,28 @@ class QATCallback(ConfiguredCallback):
                 for name, shared in layers.shared.items()
             }
         self._broadcast(trainer, layers.shared)
-        self._snap()
         self._last_refresh = step
+        scattered = {n: f for n, f in self.reassigned.items() if f > SCATTER_WARNING}
+        if scattered and not self._warned_scatter:
+            self._warned_scatter = True
+            rank_zero_warn(
+                f"QATCallback: the refresh at step {step} moved "
+                + ", ".join(f"{100 * f:.0f}% of {n}" for n, f in scattered.items())
+                + " to another centroid: between refreshes the dense weights drift by their "
+                "summed gradients with nothing in the forward to hold them, and a long "
+                f"`refresh`={self.refresh} at this learning rate scatters the clusters (the "
+                "accuracy falls); refresh every few steps (e.g. '10it'), or not at all"
+            )
         metrics = {f"qat/reassigned/{n}": f for n, f in self.reassigned.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     @torch.no_grad()
     def _snap(self) -> None:
-        """Sets every shared weight to its centroid (zeros stay zero). The dense weight trains
-        straight through from there, so a refresh moves a weight to another cluster by what it
-        learnt since the last one; left to accumulate its gradients since ``start`` under a
-        forward that does not depend on it, it would drift without bound, and a refresh would
-        scatter the clusters (a LeNet-300-100 fell from 96% to 40%)."""
+        """Sets every shared weight to its centroid at clustering (zeros stay zero): the dense
+        weight trains straight through from there, and a refresh moves it to another cluster by
+        what it learnt since. Not at refreshes: a weight set back to its centroid every few
+        steps could never cross to another."""
         assert self.layers is not None
         for name, shared in self.layers.shared.items():
             weight = self.layers.folded_weight(*split_name(name))[0]

@@ -1,5 +1,6 @@
 """QATCallback(scheme="kmeans"): weight sharing with trained codebooks (Deep Compression)."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,24 +164,38 @@ def test_refresh_reassigns_weights_on_the_clock(tmp_path):
     assert never.reassigned == {}
 
 
-def test_a_refresh_starts_the_dense_weight_again_from_its_centroid(tmp_path):
-    # Without it the dense weight, trained straight through under a forward that ignores it,
-    # drifts by its summed gradients since `start`, and a refresh scatters the clusters.
+def test_clustering_sets_each_weight_to_its_centroid(tmp_path):
     class Snapshot(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, idx):
-            if trainer.global_step == 5:  # the step after the refresh at 4
+            if trainer.global_step == 4:  # clustered at the start of this step
                 self.weight = module.fc1.weight.detach().clone()
+                codebook = trainer.callbacks[0].layers.shared["fc1.weight"].codebook
+                self.clustered = codebook.detach().flatten().tolist()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+            if trainer.global_step == 4 and not hasattr(self, "after"):
+                self.after = module.fc1.weight.detach().clone()
 
     pl.seed_everything(0)
-    qat = QATCallback(bits=2, scheme="kmeans", activations=None, refresh="4it")
+    qat = QATCallback(bits=2, scheme="kmeans", activations=None, start="4it")
     snap = Snapshot()
-    model = TinyMLP(lr=0.5)
-    fit(tmp_path, [qat, snap], model=model, max_epochs=1)
-    shared = qat.layers.shared["fc1.weight"]
-    # One step after the refresh, each weight is its centroid of then plus one SGD step: far
-    # nearer to its centroid than a weight that kept every gradient since step 0.
-    drift = (snap.weight - effective(qat, "fc1.weight")).abs().max()
-    assert drift < 0.5 * float(shared.codebook.detach().abs().max())
+    fit(tmp_path, [qat, snap], max_epochs=1)
+    # Right after clustering the dense weight is its centroid; one step later it has moved on.
+    assert set(snap.weight.unique().tolist()) - {0.0} <= set(snap.clustered)
+    assert len(set(snap.after.unique().tolist())) > 4
+
+
+def test_a_refresh_that_scatters_the_clusters_warns(tmp_path):
+    pl.seed_everything(0)
+    qat = QATCallback(bits=3, scheme="kmeans", activations=None, refresh="1ep")
+    with pytest.warns(UserWarning, match="scatters the clusters"):
+        fit(tmp_path, [qat], model=TinyMLP(lr=2.0), max_epochs=3)
+    assert max(qat.reassigned.values()) > 0.1
+    pl.seed_everything(0)
+    calm = QATCallback(bits=3, scheme="kmeans", activations=None, refresh="2it")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*scatters the clusters")
+        fit(tmp_path, [calm], model=TinyMLP(lr=0.01), max_epochs=1)
 
 
 # -- with pruning, distillation, rewinding -----------------------------------------------------
