@@ -6,9 +6,9 @@ bytes, with the ratio to the fp32 safetensors file, against the dense model trai
 (same epochs, optimizer and schedule: ``recipe=lenet300_dense`` / ``lenet5_dense``).
 
 - ``--table widths``: LeNet-300-100 pruned as ``recipe=deep_compression_lenet300`` prunes it,
-  weights shared (``qat.scheme=kmeans``) or uniformly quantized (``qat=int4`` with
-  ``qat.bits=b``, per output channel, float activations like the shared runs) from the same
-  step, at 2, 3 and 4 bits.
+  weights shared (the recipe's k-means sharing at ``qat.bits=b``) or uniformly quantized
+  (``qat=int4`` with ``qat.bits=b``, per output channel, float activations like the shared
+  runs) from the same step, at 2, 3 and 4 bits.
 - ``--table recipes``: ``recipe=deep_compression_lenet300`` and ``deep_compression_lenet5``
   against their dense baselines.
 
@@ -75,7 +75,13 @@ def widths(seeds: list[int], where: Path) -> list[dict]:
     rows = [row("dense fp32 (lenet300_dense)", ["recipe=lenet300_dense"], seeds, where)]
     for bits in (2, 3, 4):
         rows.append(row(f"k-means {bits}-bit", [*base, f"qat.bits={bits}"], seeds, where))
-        uniform = [*base, "qat=int4", f"qat.bits={bits}", "qat.activations=null"]
+        uniform = [
+            *base,
+            "qat=int4",
+            f"qat.bits={bits}",
+            "qat.activations=null",
+            "qat.refresh=null",
+        ]
         rows.append(row(f"uniform int{bits}", uniform, seeds, where))
     return rows
 

@@ -21,8 +21,8 @@ def test_kmeans4_option_is_weight_sharing_at_4_bits(compose_cfg):
 @pytest.mark.parametrize(
     ("recipe", "bits", "overrides", "start"),
     [
-        ("deep_compression_lenet300", 6, {}, "15ep"),
-        ("deep_compression_lenet5", 5, {"conv1": 8, "conv2": 8}, "14ep"),
+        ("deep_compression_lenet300", 4, {}, "24ep"),
+        ("deep_compression_lenet5", 4, {"conv1": 6, "conv2": 6}, "16ep"),
     ],
 )
 def test_deep_compression_recipes_prune_then_share(compose_cfg, recipe, bits, overrides, start):
@@ -35,4 +35,6 @@ def test_deep_compression_recipes_prune_then_share(compose_cfg, recipe, bits, ov
         start,
     )
     prune = _callback(job, PruneCallback)
-    assert prune.sparsity == 0.92 and str(prune.end) == start  # shared once pruning is done
+    # Shared once the pruned network has been fine-tuned, re-assigned every 10 steps.
+    assert prune.sparsity in (0.965, 0.95) and prune.end.value < qat.start.value
+    assert str(qat.refresh) == "10it"
