@@ -194,9 +194,7 @@ class SharedLayer(LayerRecord):
                 f"dividing {rows}, got {self.codebook.dtype} {tuple(self.codebook.shape)}"
             )
         if self.indices.numel() and int(self.indices.max()) >= levels:
-            raise ValueError(
-                f"{self.name}: `indices` point past the codebook's {levels} entries"
-            )
+            raise ValueError(f"{self.name}: `indices` point past the codebook's {levels} entries")
 
     @property
     def groups(self) -> int:
