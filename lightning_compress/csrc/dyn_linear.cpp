@@ -31,8 +31,6 @@
 #include <optional>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LC_X86 1
 #define LC_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,bmi2,popcnt")))
 #endif
@@ -51,10 +49,7 @@ constexpr int64_t kRowBlock = 64;   // output rows staged before the store
 bool cpu_has_vnni() {
 #ifdef LC_X86
   static const bool has = [] {
-    const char* off = std::getenv("LIGHTNING_COMPRESS_NO_AVX512");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") &&
            __builtin_cpu_supports("popcnt");
   }();

@@ -35,12 +35,6 @@
 #include <optional>
 #include <type_traits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LC_X86 1
-#define LC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#endif
-
 namespace lightning_compress {
 namespace {
 
@@ -49,31 +43,6 @@ constexpr int64_t kGatherMaxBatch = 2;  // batches up to this size gather x per 
 constexpr int64_t kChunk = 512;        // non-zeros decoded at once by the batch path
 constexpr int64_t kRowBlock = 64;      // output rows staged before the store
 constexpr int64_t kMaxCodebook = 256;
-
-// As in packed_linear.cpp: AVX-512F/BW/VL unless LIGHTNING_COMPRESS_NO_AVX512 is set to a
-// non-empty value other than "0" (tests use it to check the portable loops).
-bool cpu_has_avx512() {
-#ifdef LC_X86
-  static const bool has = [] {
-    const char* off = std::getenv("LIGHTNING_COMPRESS_NO_AVX512");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
-template <typename Idx>
-inline int64_t col_at(const Idx* col, int64_t j) {
-  if constexpr (std::is_same_v<Idx, int16_t>) {
-    return static_cast<uint16_t>(col[j]);
-  } else {
-    return col[j];
-  }
-}
 
 template <bool kNibble>
 inline int index_at(const uint8_t* idx, int64_t j) {

@@ -26,12 +26,6 @@
 #include <optional>
 #include <type_traits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LC_X86 1
-#define LC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#endif
-
 #ifndef LC_DENSE_ROWS
 #define LC_DENSE_ROWS 8
 #endif
@@ -42,31 +36,6 @@ namespace {
 constexpr int64_t kBatchTile = 64;  // batch columns per pass over a sparse row
 constexpr int64_t kDenseGemvMaxBatch = 16;
 constexpr int64_t kGatherMaxBatch = 2;  // batches up to this size gather x per non-zero
-
-// AVX-512 paths run when the CPU has AVX-512F/BW/VL, unless LIGHTNING_COMPRESS_NO_AVX512 is set
-// to a non-empty value other than "0" (tests use it to check the portable loops).
-bool cpu_has_avx512() {
-#ifdef LC_X86
-  static const bool has = [] {
-    const char* off = std::getenv("LIGHTNING_COMPRESS_NO_AVX512");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
-template <typename Idx>
-inline int64_t col_at(const Idx* col, int64_t j) {
-  if constexpr (std::is_same_v<Idx, int16_t>) {
-    return static_cast<uint16_t>(col[j]);
-  } else {
-    return col[j];
-  }
-}
 
 inline int8_t nibble(uint8_t byte, int64_t k) {
   const int v = (k & 1) ? (byte >> 4) : (byte & 0xF);

@@ -31,32 +31,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LC_X86 1
-#define LC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#endif
-
 namespace lightning_compress {
 namespace {
 
 constexpr int64_t kBlock = 1 << 16;  // elements per histogram block (fixes the sum order)
 constexpr int64_t kTable = 256;      // entries of a padded codebook: any uint8 index is in bounds
 constexpr int kSub = 4;              // scalar sub-histograms (breaks store-to-load chains)
-
-bool cpu_has_avx512() {
-#ifdef LC_X86
-  static const bool has = [] {
-    const char* off = std::getenv("LIGHTNING_COMPRESS_NO_AVX512");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Rows [r0, r1) of one group g: the unit of work of both ops.
 struct Blocks {
