@@ -32,14 +32,20 @@ def test_example_runs(script, args, expect):
     assert expect in out.stdout
 
 
-def test_export_example_reloads_the_fake_quantized_model():
+def run_fast(script):
+    """The example in its --fast mode; it must succeed."""
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "export_and_run.py"), "--fast"],
+        [sys.executable, str(EXAMPLES / script), "--fast"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_export_example_reloads_the_fake_quantized_model():
+    out = run_fast("export_and_run.py")
     match = re.search(r"fake-quantized ([\d.]+)%, packed ([\d.]+)%", out.stdout)
     assert match, out.stdout[-2000:]
     assert abs(float(match[1]) - float(match[2])) <= 0.1
@@ -48,13 +54,7 @@ def test_export_example_reloads_the_fake_quantized_model():
 
 
 def test_weight_sharing_example_reloads_what_was_trained():
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "share_weights.py"), "--fast"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_fast("share_weights.py")
     match = re.search(r"trained ([\d.]+)%, reloaded ([\d.]+)%", out.stdout)
     assert match, out.stdout[-2000:]
     assert match[1] == match[2]

@@ -80,6 +80,7 @@ from lightning_compress.export.latency import (
     choose,
     default_path,
     model_latency,
+    run_example,
 )
 from lightning_compress.export.modules import (
     PackedConv2d,
@@ -852,12 +853,7 @@ def _input_shapes(
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(example, dict):
-                model(**example)
-            elif isinstance(example, tuple | list):
-                model(*example)
-            else:
-                model(example)
+            run_example(model, example)
     except Exception as err:
         raise ValueError(f"`example` does not run through the model: {err}") from err
     finally:

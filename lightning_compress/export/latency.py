@@ -368,7 +368,9 @@ def choose(
     return best, times
 
 
-def _run(model: nn.Module, example: Any) -> Any:
+def run_example(model: nn.Module, example: Any) -> Any:
+    """``model`` on ``example``: a tensor, a tuple of positional arguments or a dict of keyword
+    arguments."""
     if isinstance(example, dict):
         return model(**example)
     if isinstance(example, tuple | list):
@@ -471,7 +473,7 @@ def model_latency(model: nn.Module, example: Any, reps: int = 7) -> ModelLatency
                 flush.sum()
             spent.clear()
             start = time.perf_counter()
-            _run(model, example)
+            run_example(model, example)
             if rep >= 2:
                 totals.append(time.perf_counter() - start)
                 for n in chosen:
