@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_compress.zoo import ClassificationModule
 
 # Config groups whose selected option is one callback (added by the compression issues).
-CALLBACK_GROUPS = ("prune", "rewind", "qat", "distill", "lowrank")
+CALLBACK_GROUPS = ("prune", "rewind", "qat", "distill", "lowrank", "search")
 
 
 # Trainer arguments that Lightning only asserts on; checked here for a readable message.
@@ -41,13 +42,16 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> Classif
     num_classes = datamodule.num_classes
     net = instantiate(cfg.model.net, input_shape=shape, num_classes=num_classes)
     scheduler = cfg.model.get("scheduler")
-    return ClassificationModule(
+    module = ClassificationModule(
         net,
         optimizer=instantiate(cfg.model.optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         scheduler_interval=cfg.model.get("scheduler_interval", "epoch"),
         num_classes=num_classes,
     )
+    # One input, for callbacks that time the model (SearchCallback) and the model summary.
+    module.example_input_array = torch.zeros(1, *shape)
+    return module
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
 from lightning_compress.app.build import Job, build_job
 from lightning_compress.callbacks import LowRankCallback, QATCallback
+from lightning_compress.search import SearchCallback
 from lightning_compress.export import compare_packed, pack
 from lightning_compress.targets import default_weights
 
@@ -127,6 +128,11 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     """Packs the trained network, reloads it into a copy with the compiled kernels, evaluates the
     copy on the test split and times it against the network with its fp32 weights."""
     qat = next((c for c in job.callbacks if isinstance(c, QATCallback) and c.record), None)
+    search = next(
+        (c for c in job.callbacks if isinstance(c, SearchCallback) and c.record is not None), None
+    )
+    if search is not None and qat is not None:
+        raise ValueError("a SearchCallback chose the layers' bits: run it with `qat=none`")
     lowrank = next(
         (c for c in job.callbacks if isinstance(c, LowRankCallback) and c.constrained()), None
     )
@@ -135,12 +141,15 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
     path = pack(
         net,
         output_dir / ARTIFACT_NAME,
-        qat=qat,
-        bits=bits,
+        qat=qat if search is None else (search if len(search.record or ()) else None),
+        # The search chose each layer's bits: a layer it left fp32 stays fp32.
+        bits=bits if search is None else None,
         # Without QAT the factors take the post-training bits like every other packed layer;
         # after QAT each takes its layer's QAT bits (fp32 where QAT left the layer alone).
         lowrank=lowrank.to_record(None if qat is not None else bits) if lowrank else None,
     )
+    if search is not None:
+        search.remove()  # as QAT below: the float network is the baseline
     if qat is not None:
         qat.remove()  # the float network is the latency baseline; `installed()` scores as trained
     measured = compare_packed(
@@ -149,12 +158,22 @@ def pack_and_measure(job: Job, output_dir: Path, export: Any) -> dict[str, Any]:
         job.datamodule.test_dataloader(),
         [int(b) for b in export.get("latency_batches", [1, 256])],
         # The model as trained: fake-quantized weights and activations.
-        reference=qat.layers.installed() if qat is not None and qat.layers is not None else None,
+        reference=(
+            qat.layers.installed()
+            if qat is not None and qat.layers is not None
+            else search.installed()
+            if search is not None
+            else None
+        ),
     )
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
-        "quantization": "qat" if qat is not None else f"post-training int{bits}",
+        "quantization": "qat"
+        if qat is not None
+        else "search"
+        if search is not None
+        else f"post-training int{bits}",
         "test_acc": measured.packed_acc,
         # The same test split through the unpacked network: fake-quantized after QAT, else fp32.
         "reference_acc": measured.reference_acc,
