@@ -19,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
         ("lottery_ticket.py", ["--rounds", "2", "--mode", "reinit"], "reinit: test accuracy"),
         ("prune_and_quantize.py", [], "pruned + int8: test accuracy"),
         ("distill_existing_trainer.py", [], "student distilled + pruned 90% + int8: test"),
+        ("search_existing_trainer.py", [], "search: "),
     ],
 )
 def test_example_runs(script, args, expect):

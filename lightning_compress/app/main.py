@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from lightning_compress.app.artifact import ARTIFACT_NAME, CHECKPOINT_NAME
 from lightning_compress.app.build import Job, build_job
 from lightning_compress.callbacks import LowRankCallback, QATCallback
-from lightning_compress.search import SearchCallback
 from lightning_compress.export import compare_packed, pack
+from lightning_compress.search import SearchCallback
 from lightning_compress.targets import default_weights
 
 log = logging.getLogger(__name__)

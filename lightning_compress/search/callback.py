@@ -23,7 +23,7 @@ from lightning_compress.layout import WeightLayout, layout_for_name
 from lightning_compress.quantization.layers import split_name
 from lightning_compress.quantization.record import CompressionRecord, QuantizedLayer
 from lightning_compress.search import estimator
-from lightning_compress.search.candidates import Candidate, parse_candidates
+from lightning_compress.search.candidates import Candidate, parse_candidates, thresholds
 from lightning_compress.search.choice import Choice
 from lightning_compress.search.latency import (
     candidate_latency,
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("proxyless", "greedy")
 DEFAULT_CANDIDATES = ("fp32", "int8", "int4", "s50-int8", "s75-int8", "s90-int8", "s90-int4")
+RANK_EVERY = 10
 _BUDGET = re.compile(r"^(?P<fraction>[0-9]*\.?[0-9]+)x(?P<reference>[a-z0-9-]+)$")
 
 
@@ -136,6 +137,8 @@ class SearchCallback(Callback):
         self.layers: dict[str, list[Candidate]] = {}
         self.arch: dict[str, Choice] = {}
         self._pairs: dict[str, tuple[int, int | None]] = {}
+        self._limits: dict[str, tuple[int, list[float | None]]] = {}
+        self._step = 0
         self.layouts: dict[str, WeightLayout] = {}
         self.modules: dict[str, nn.Module] = {}
         self.latency: dict[str, torch.Tensor] = {}
@@ -286,7 +289,7 @@ class SearchCallback(Callback):
             for name in self.arch:
                 fp32[name] = measured[name][self._current_index(name)]
             tensor_example = example if torch.is_tensor(example) else None
-            overhead = model_overhead(pl_module, tensor_example, fp32, self.reps)
+            overhead = model_overhead(pl_module, tensor_example, fp32, max(31, self.reps))
         measured, overhead = trainer.strategy.broadcast((measured, overhead), src=0)
         self.latency = {n: torch.tensor(v, dtype=torch.float64) for n, v in measured.items()}
         self.overhead = float(overhead)
@@ -402,6 +405,19 @@ class SearchCallback(Callback):
             return int(self.alpha[name].argmax()) if self.alpha else None
         return self._active[name]
 
+    def _thresholds(self, name: str, canonical: torch.Tensor) -> list[float | None]:
+        """Each candidate's magnitude threshold in the layer. Taken again every
+        :data:`RANK_EVERY` steps, at the first forward of the window: the magnitude order moves
+        slowly, and a sort of a large layer per step costs more than the step. They are in the
+        checkpoint, so a resumed run masks as the uninterrupted one; the chosen candidate's
+        mask is exact (a fresh top-k at the choice)."""
+        window = self._step // RANK_EVERY
+        cached = self._limits.get(name)
+        if cached is None or cached[0] != window:
+            cached = (window, thresholds(canonical, self.layers[name]))
+            self._limits[name] = cached
+        return cached[1]
+
     def _choice_sampler(self, name: str) -> Callable[[], tuple[int, int | None, Any]]:
         def sampler() -> tuple[int, int | None, Any]:
             index = self.candidate_index(name)
@@ -435,7 +451,9 @@ class SearchCallback(Callback):
             weight = module._parameters[leaf]
             layout = self.layouts[name]
             mask = self.masks.get(name)
-            effective = candidate.weight(layout.canonical(weight), mask)
+            canonical = layout.canonical(weight)
+            threshold = None if mask is not None else self._thresholds(name, canonical)[index]
+            effective = candidate.weight(canonical, mask, threshold)
             if self._learning and module.training and torch.is_grad_enabled():
                 effective.register_hook(self._gate_hook(name))
             self._saved[name] = weight
@@ -457,9 +475,13 @@ class SearchCallback(Callback):
         def hook(grad: torch.Tensor) -> None:
             # <dL/dW, W_j> for every candidate j: each gate's gradient (module docstring).
             weight = self.layouts[name].canonical(self._parameter(name).detach())
+            limits = self._thresholds(name, weight)
             with torch.no_grad():
                 grads = torch.stack(
-                    [(grad * c.weight(weight)).sum().double() for c in self.layers[name]]
+                    [
+                        (grad * c.weight(weight, threshold=t)).sum().double()
+                        for c, t in zip(self.layers[name], limits, strict=True)
+                    ]
                 )
             previous = self._gate_grads.get(name)
             self._gate_grads[name] = grads if previous is None else previous + grads
@@ -488,7 +510,7 @@ class SearchCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = self._step = trainer.global_step
         start, end = self._steps["start"], self._steps["end"]
         assert start is not None and end is not None
         if self.choices is None and step >= end:
@@ -771,6 +793,7 @@ class SearchCallback(Callback):
             "budget": self.budget,
             "choices": None if self.choices is None else dict(self.choices),
             "masks": {n: m.cpu().clone() for n, m in self.masks.items()},
+            "thresholds": {n: [w, list(t)] for n, (w, t) in self._limits.items()},
         }
         if self._optimizer is not None:
             state["optimizer"] = self._optimizer.state_dict()
@@ -801,6 +824,7 @@ class SearchCallback(Callback):
             None if state["choices"] is None else {n: int(i) for n, i in state["choices"].items()}
         )
         self.masks = {n: m.clone() for n, m in state["masks"].items()}
+        self._limits = {n: (int(w), list(t)) for n, (w, t) in state.get("thresholds", {}).items()}
         for name, choice in self.arch.items():
             if self.choices is not None:
                 choice.choose(self.choices[name])

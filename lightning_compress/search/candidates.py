@@ -54,23 +54,46 @@ class Candidate:
     def compressed(self) -> bool:
         return self.bits is not None or self.sparsity > 0
 
-    def mask(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The kept weights (the largest magnitudes of ``weight``); None for a dense candidate."""
+    def keep(self, numel: int) -> int:
+        """How many of ``numel`` weights the candidate keeps."""
+        return max(1, round((1.0 - self.sparsity) * numel))
+
+    def mask(self, weight: torch.Tensor, threshold: float | None = None) -> torch.Tensor | None:
+        """The kept weights (the largest magnitudes of ``weight``); None for a dense candidate.
+        ``threshold``: keep ``|w| >= threshold`` instead (from :func:`thresholds`)."""
         if self.sparsity == 0:
             return None
+        if threshold is not None:
+            return weight.detach().abs() >= threshold
         flat = weight.detach().abs().reshape(-1)
-        keep = max(1, round((1.0 - self.sparsity) * flat.numel()))
+        keep = self.keep(flat.numel())
         mask = torch.zeros(flat.numel(), dtype=torch.bool, device=weight.device)
         mask[flat.topk(keep, sorted=False).indices] = True
         return mask.view_as(weight)
 
-    def weight(self, canonical: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def weight(
+        self,
+        canonical: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> torch.Tensor:
         """What the layer computes with, from its weight in (out, in, *kernel) order: masked,
         then fake-quantized per output channel. The gradient passes straight through to the
         kept weights (the pruned ones get none). ``mask`` overrides :meth:`mask`."""
-        mask = self.mask(canonical) if mask is None else mask
+        mask = self.mask(canonical, threshold) if mask is None else mask
         weight = canonical if mask is None else canonical * mask
         return weight if self.bits is None else fake_quant_weight(weight, self.bits)
+
+
+def thresholds(weight: torch.Tensor, candidates: Sequence[Candidate]) -> list[float | None]:
+    """Each candidate's magnitude threshold on ``weight`` from one sort (None where dense): the
+    ``keep``-th largest magnitude (ties at it keep a few more weights, never fewer)."""
+    if not any(c.sparsity > 0 for c in candidates):
+        return [None] * len(candidates)
+    ranked = weight.detach().abs().reshape(-1).sort(descending=True).values
+    return [
+        float(ranked[c.keep(ranked.numel()) - 1]) if c.sparsity > 0 else None for c in candidates
+    ]
 
 
 def parse_candidates(names: Sequence[str], where: str) -> list[Candidate]:
