@@ -214,7 +214,7 @@ def _packed_lines(record: dict[str, Any]) -> list[str]:
     packed = record.get("packed")
     if not packed:
         return []
-    trained = "fake-quantized" if packed["quantization"] == "qat" else "fp32"
+    trained = "fake-quantized" if packed["quantization"] in ("qat", "search") else "fp32"
     lines = [
         f"packed file    {packed['bytes']:,} bytes, {record['model_bytes'] / packed['bytes']:.1f}x "
         f"smaller ({packed['quantization']}, {Path(packed['path']).name})",
