@@ -802,7 +802,7 @@ def load_into(
                 f"{value.dtype} {list(value.shape)} in the artifact"
             )
     if batch_size is not None:
-        shapes = _input_shapes(model, example, [e["name"] for e in art.layers], batch_size)
+        shapes = layer_input_shapes(model, example, [e["name"] for e in art.layers], batch_size)
         table = latency if latency is not None else LatencyTable(default_path())
         # Packed weights beyond the last-level cache are read from memory by every layer.
         packed_bytes = sum(
@@ -832,7 +832,7 @@ def load_into(
     return model
 
 
-def _input_shapes(
+def layer_input_shapes(
     model: nn.Module, example: Any, names: list[str], batch_size: int
 ) -> dict[str, tuple[int, ...]]:
     """Each named layer's input shape in one eval-mode forward of ``example`` (batch dimension

@@ -520,7 +520,8 @@ class SearchCallback(Callback):
             return
         if self.method == "greedy":
             # The baseline trains the model as it is (dense, Choices at their default).
-            self._active = {n: self._dense_index(n) for n in self.latency}
+            if not self._active:
+                self._active = {n: self._dense_index(n) for n in self.latency}
             self._learning = False
             return
         self._learning = step >= start
@@ -591,7 +592,6 @@ class SearchCallback(Callback):
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         self.lam = max(0.0, self.lam + self.dual_lr * (expected / self.budget - 1.0))
-        self._last_expected = expected
 
     @override
     def on_train_batch_end(

@@ -14,13 +14,13 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.export.artifact import layer_input_shapes, load_into, pack
 from lightning_compress.export.latency import LatencyTable, LayerSpec, run_example, time_modules
 from lightning_compress.layout import layout_of
 from lightning_compress.quantization.record import CompressionRecord, QuantizedLayer
@@ -65,8 +65,6 @@ def candidate_latency(
     wrapper = nn.Sequential()
     wrapper.add_module("layer", layer)
     record = CompressionRecord([QuantizedLayer.from_weight("layer.weight", weight, candidate.bits)])
-    from lightning_compress.export import load_into, pack
-
     with tempfile.TemporaryDirectory() as tmp:
         path = pack(wrapper, Path(tmp) / "layer.safetensors", qat=record)
         load_into(
@@ -106,27 +104,7 @@ def input_shapes(
             shapes[name] = (batch_size, layout.in_features(module.weight))
         return shapes
 
-    def hook(name: str) -> Callable[..., None]:
-        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            shapes.setdefault(name, (batch_size, *args[0].shape[1:]))
-
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_example(model, example)
-    except Exception as err:
-        raise ValueError(
-            f"SearchCallback: `example` does not run through the model: {err}"
-        ) from err
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    shapes = layer_input_shapes(model, example, names, batch_size)
     missing = [n for n in names if n not in shapes]
     if missing:
         raise ValueError(
